@@ -1,0 +1,13 @@
+"""headsteer: find the attention heads that carry image information into a VLM's answer, and
+edit only those heads."""
+from .errors import HeadsteerError
+from .heads import HeadSet
+from .load import default_model_path, load
+from .adapters import Adapter, get_adapter, supported_families
+from .intervene import Knockout, Recorder, Spec, intervene
+
+__all__ = [
+    "HeadsteerError", "HeadSet", "load", "default_model_path", "Adapter", "get_adapter",
+    "supported_families", "intervene", "Spec", "Knockout", "Recorder",
+]
+__version__ = "0.1.0"

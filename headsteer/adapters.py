@@ -1,0 +1,243 @@
+"""Architecture adapters: where a VLM keeps its language-model attention, how many heads it has,
+and which sequence positions are image, question, role and last tokens.
+
+One generic adapter covers every family whose text backbone uses transformers' attention interface;
+families differ only in a few facts (token-id attribute names, prompt format), kept in ``FAMILIES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import HeadsteerError
+
+# model_type -> notes; every one is tested on a tiny random model (tests/tiny_models.py).
+FAMILIES = {
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+    "gemma3": "Gemma 3",
+    "paligemma": "PaliGemma",
+    "mistral3": "Mistral 3 (Pixtral vision)",
+    "internvl": "InternVL (transformers-native)",
+    "aya_vision": "Aya Vision",
+    "vipllava": "VipLLaVA",
+}
+
+_OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    for path in ("model.language_model", "language_model", "model.text_model", "model"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module) and hasattr(obj, "layers"):
+            return obj
+    raise HeadsteerError(f"cannot find the language model inside {type(model).__name__}; supported families: {supported_families()}")
+
+
+def _attention_class(lm: nn.Module):
+    rec = getattr(lm, "_can_record_outputs", None) or {}
+    target = rec.get("attentions")
+    if target is None:
+        return None
+    return getattr(target, "target_class", target)
+
+
+@dataclass
+class Adapter:
+    """Facts about one loaded model, found once and used by every intervention."""
+
+    model: nn.Module = field(repr=False)
+    model_type: str
+    attention: list = field(repr=False)  # attention modules of the language model, in layer order
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    image_token_id: int
+    pad_token_id: int | None = None
+    processor: object = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention)
+
+    @property
+    def text_config(self):
+        return self.attention[0].config
+
+    def out_proj(self, layer: int) -> nn.Linear:
+        mod = self.attention[layer]
+        for name in _OUT_PROJ_NAMES:
+            if isinstance(getattr(mod, name, None), nn.Linear):
+                return getattr(mod, name)
+        raise HeadsteerError(f"{type(mod).__name__} has no output projection ({'/'.join(_OUT_PROJ_NAMES)})")
+
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    # -- positions ---------------------------------------------------------------------------
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """bool [B, T]: positions holding image features."""
+        return input_ids == self.image_token_id
+
+    def token_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     object_patches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named bool [B, T] position groups of a batch of prompts (left or right padded).
+
+        ``after_image``: every real position after the last image token (the text the image flows
+        into); ``question``: those before the generation prompt; ``role``: the generation-prompt
+        tokens (e.g. ``ASSISTANT`` ``:``) except the last token; ``last``: the final real token.
+        ``object``/``background`` split the image tokens when ``object_patches`` (bool [B, n_img])
+        is given.
+        """
+        B, T = input_ids.shape
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        image = self.image_mask(input_ids) & real
+        idx = torch.arange(T, device=input_ids.device).expand(B, T)
+        last_img = torch.where(image, idx, torch.full_like(idx, -1)).max(dim=1).values
+        after = (idx > last_img[:, None]) & real & (last_img[:, None] >= 0)
+        last_pos = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
+        last = idx == last_pos[:, None]
+        n_role = self.num_role_tokens()
+        # role tokens: the generation prompt's tokens at the end, the last one excluded
+        role = (idx >= (last_pos[:, None] - n_role + 1)) & (idx < last_pos[:, None]) & real
+        special = self._special_mask(input_ids)
+        question = after & ~role & ~last & ~special
+        groups = {
+            "image": image,
+            "after_image": after,
+            "text": real & ~image,
+            "question": question,
+            "role": role & after,
+            "last": last,
+        }
+        if object_patches is not None:
+            obj = torch.zeros_like(image)
+            for b in range(B):
+                pos = image[b].nonzero().squeeze(-1)
+                op = object_patches[b].to(input_ids.device).bool()
+                if len(op) != len(pos):
+                    raise HeadsteerError(f"object mask covers {len(op)} patches but the prompt has {len(pos)} image tokens")
+                obj[b, pos[op]] = True
+            groups["object"] = obj
+            groups["background"] = image & ~obj
+        return groups
+
+    def _special_mask(self, input_ids):
+        tok = getattr(self.processor, "tokenizer", None)
+        ids = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+        ids.add(self.image_token_id)
+        if self.pad_token_id is not None:
+            ids.add(self.pad_token_id)
+        return torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device))
+
+    def num_role_tokens(self) -> int:
+        """Tokens of the assistant-turn marker that ends a prompt (1 when unknown)."""
+        if not hasattr(self, "_n_role"):
+            self._n_role = 1
+            tok = getattr(self.processor, "tokenizer", None)
+            if tok is not None and getattr(self.processor, "chat_template", None):
+                try:
+                    msgs = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+                    with_gen = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+                    without = self.processor.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
+                    n = len(tok(with_gen, add_special_tokens=False).input_ids) - len(tok(without, add_special_tokens=False).input_ids)
+                    self._n_role = max(1, n)
+                except Exception:
+                    pass
+        return self._n_role
+
+    # -- prompts -----------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        """The model's own prompt for one image and a question (chat template when it has one)."""
+        proc = self.processor
+        if proc is None:
+            raise HeadsteerError("this model was loaded without a processor; pass processor= to build prompts")
+        if getattr(proc, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        if self.model_type == "paligemma":
+            return question  # its processor prepends the image tokens and appends "\n"
+        tok = getattr(proc, "image_token", "<image>")
+        return f"{tok}\n{question}"
+
+    def encode(self, images, questions, device=None):
+        """Processor inputs for a batch of (image, question), left-padded so the last real token is at -1."""
+        proc = self.processor
+        if isinstance(questions, str):
+            questions, images = [questions], [images]
+        if any(im is None for im in images):
+            raise HeadsteerError("missing image: every question needs an image (a PIL image or a path)")
+        images = [_as_image(im) for im in images]
+        tok = proc.tokenizer
+        old = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            kw = {}
+            if self.model_type in ("idefics3", "smolvlm"):
+                images = [[im] for im in images]
+            batch = proc(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
+        finally:
+            tok.padding_side = old
+        dev = device or next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _as_image(im):
+    from PIL import Image
+
+    if isinstance(im, Image.Image):
+        return im.convert("RGB")
+    try:
+        return Image.open(im).convert("RGB")
+    except FileNotFoundError:
+        raise HeadsteerError(f"image not found: {im}") from None
+    except Exception as e:
+        raise HeadsteerError(f"cannot read image {im}: {e}") from None
+
+
+def get_adapter(model: nn.Module, processor=None) -> Adapter:
+    """The adapter of a loaded model (cached on the model object)."""
+    cached = getattr(model, "_headsteer_adapter", None)
+    if cached is not None:
+        if processor is not None and cached.processor is None:
+            cached.processor = processor
+        return cached
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", type(model).__name__)
+    if mtype not in FAMILIES:
+        raise HeadsteerError(f"unsupported architecture {mtype!r} ({type(model).__name__}); supported: {supported_families()}")
+    lm = _language_model(model)
+    cls = _attention_class(lm)
+    mods = [m for m in lm.modules() if (isinstance(m, cls) if cls is not None else hasattr(m, "o_proj")) and hasattr(m, "layer_idx")]
+    mods.sort(key=lambda m: m.layer_idx)
+    if not mods:
+        raise HeadsteerError(f"no attention modules found in {type(lm).__name__}")
+    tcfg = cfg.get_text_config()
+    image_token_id = next((getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None), None)
+    if image_token_id is None:
+        raise HeadsteerError(f"{mtype}: config names no image token id (image_token_id / image_token_index)")
+    num_heads = tcfg.num_attention_heads
+    num_kv = getattr(tcfg, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(mods[0], "head_dim", None) or getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
+    ad = Adapter(model=model, model_type=mtype, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
+                 head_dim=head_dim, image_token_id=int(image_token_id),
+                 pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor)
+    model._headsteer_adapter = ad
+    return ad

@@ -1,0 +1,188 @@
+"""Baseline image keys/values that an ablated head reads instead of the real ones.
+
+``zero``: zeros. ``blank``: the keys/values the model computes for a blank (mean-grey) image.
+``mean``: the mean keys/values per layer, KV head and image position over a reference set of
+images. Keys are taken after rotary embedding, indexed by image-token ordinal, so they fit any
+prompt whose image tokens sit where the reference prompts' did.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+from .errors import HeadsteerError
+
+KINDS = ("mean", "blank", "zero")
+
+
+class Baseline:
+    kind = "?"
+
+    def kv(self, layer, key, value, img):
+        """``key``/``value`` [B, Hkv, T, d] with the image positions (bool [B, T]) replaced."""
+        kb, vb = self.image_kv(layer, int(img[0].sum()), key.dtype, key.device)
+        return _place(key, img, kb), _place(value, img, vb)
+
+    def image_kv(self, layer, n_img, dtype, device):
+        """Baseline (k, v), each [Hkv, n_img, d]."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+def _place(x, img, base):
+    counts = img.sum(1)
+    if not bool((counts == counts[0]).all()) or base.shape[1] != int(counts[0]):
+        raise HeadsteerError(
+            f"the baseline has {base.shape[1]} image positions but the batch has {counts.tolist()}; "
+            "use baseline='zero', or compute the baseline from images of the same size"
+        )
+    xt = x.transpose(1, 2).clone()  # [B, T, Hkv, d]
+    xt[img] = base.transpose(0, 1).to(x.dtype).repeat(x.shape[0], 1, 1)
+    return xt.transpose(1, 2)
+
+
+class ZeroBaseline(Baseline):
+    kind = "zero"
+
+    def __init__(self, num_kv_heads, head_dim):
+        self.shape = (num_kv_heads, head_dim)
+
+    def image_kv(self, layer, n_img, dtype, device):
+        z = torch.zeros(self.shape[0], n_img, self.shape[1], dtype=dtype, device=device)
+        return z, z
+
+
+class TensorBaseline(Baseline):
+    """Per-layer K/V [L, Hkv, n_img, d] (mean or blank)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, kind: str, meta: dict | None = None):
+        self.keys, self.values, self.kind, self.meta = keys, values, kind, meta or {}
+
+    def image_kv(self, layer, n_img, dtype, device):
+        if self.keys.shape[2] != n_img:
+            raise HeadsteerError(
+                f"the {self.kind} baseline has {self.keys.shape[2]} image positions, this input has {n_img}; "
+                "recompute it for this image size or use baseline='zero'"
+            )
+        return self.keys[layer].to(device, dtype), self.values[layer].to(device, dtype)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **self.meta}
+
+    def save(self, path):
+        from safetensors.torch import save_file
+
+        tmp = str(path) + ".tmp"
+        save_file({"keys": self.keys.contiguous(), "values": self.values.contiguous()}, tmp,
+                  metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                md = f.metadata()
+                return cls(f.get_tensor("keys"), f.get_tensor("values"), md["kind"], json.loads(md.get("meta", "{}")))
+        except Exception as e:
+            raise HeadsteerError(f"cannot read baseline {path}: {e}; delete it to recompute") from None
+
+
+@torch.no_grad()
+def capture_image_kv(model, processor, images, questions, batch_size=16):
+    """Mean over ``images`` of each layer's K/V at image positions: ([L, Hkv, n, d], [L, Hkv, n, d])."""
+    from .intervene import intervene
+
+    ad = get_adapter(model, processor)
+    ksum = vsum = None
+    n = 0
+    for i in range(0, len(images), batch_size):
+        ims, qs = images[i : i + batch_size], questions[i : i + batch_size]
+        inputs = ad.encode(ims, qs)
+        img = ad.image_mask(inputs["input_ids"])
+        with intervene(model) as _:
+            state = model._headsteer_state
+            state.capture = {}
+            model(**inputs)
+            cap = state.capture
+            state.capture = None
+        ks, vs = [], []
+        for layer in range(ad.num_layers):
+            k, v = cap[layer]
+            B, H, T, d = k.shape
+            ks.append(k.transpose(1, 2)[img].view(B, -1, H, d).transpose(1, 2).float().sum(0))
+            vs.append(v.transpose(1, 2)[img].view(B, -1, H, d).transpose(1, 2).float().sum(0))
+        k, v = torch.stack(ks), torch.stack(vs)
+        ksum = k if ksum is None else ksum + k
+        vsum = v if vsum is None else vsum + v
+        n += len(ims)
+    return ksum / n, vsum / n
+
+
+def blank_image(processor):
+    from PIL import Image
+
+    ip = getattr(processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5]
+    size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {"height": 224, "width": 224}
+    h = size.get("height") or size.get("shortest_edge") or 224
+    w = size.get("width") or size.get("shortest_edge") or 224
+    return Image.new("RGB", (w, h), tuple(int(round(255 * m)) for m in mean))
+
+
+def _model_hash(model) -> str:
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    h = hashlib.sha1(str(path).encode())
+    for p in list(model.parameters())[:4]:
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def make_baseline(model, processor, kind="mean", reference=None, question="what is in the image?", cache_dir=None, n_reference=64):
+    """Build a baseline. ``reference``: list of PIL images for ``mean`` (default: easy-VQA train images).
+
+    ``mean`` baselines are cached as safetensors under ``cache_dir`` (default
+    ``~/.cache/headsteer``) keyed by model, reference set and prompt.
+    """
+    ad = get_adapter(model, processor)
+    if isinstance(kind, Baseline):
+        return kind
+    if kind == "zero":
+        return ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    if kind == "blank":
+        k, v = capture_image_kv(model, processor, [blank_image(processor)], [question])
+        return TensorBaseline(k, v, "blank", {"image": "mean colour of the image processor"})
+    if kind != "mean":
+        raise HeadsteerError(f"unknown baseline {kind!r}: use one of {', '.join(KINDS)}")
+    if reference is None:
+        from .data import easy_vqa_images
+        from PIL import Image
+
+        paths = easy_vqa_images("train")
+        ids = sorted(paths)[:n_reference]
+        reference = [Image.open(paths[i]).convert("RGB") for i in ids]
+        ref_name = f"easy-vqa:train[:{n_reference}]"
+    else:
+        ref_name = f"user({len(reference)})"
+        h = hashlib.sha1()
+        for im in reference:
+            h.update(im.tobytes()[:4096])
+        ref_name += ":" + h.hexdigest()[:10]
+    key = hashlib.sha1(f"{_model_hash(model)}|{ref_name}|{question}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir or os.environ.get("HEADSTEER_CACHE", Path.home() / ".cache" / "headsteer"))
+    path = cache / f"baseline-mean-{key}.safetensors"
+    if path.exists():
+        return TensorBaseline.load(path)
+    k, v = capture_image_kv(model, processor, reference, [question] * len(reference))
+    b = TensorBaseline(k, v, "mean", {"reference": ref_name, "n": len(reference), "question": question})
+    cache.mkdir(parents=True, exist_ok=True)
+    b.save(path)
+    return b

@@ -1,0 +1,213 @@
+"""VQA data: the built-in easy-VQA splits and a loader for a user's own local VQA files.
+
+Every example has the columns ``image`` (PIL), ``question``, ``answer``, ``answers`` (list of
+reference answers), ``qtype``; easy-VQA adds ``image_id`` and ``object_mask`` (bool [H, W], the
+shape's pixels) for the object-vs-background patch analysis.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import HeadsteerError
+
+EASY_SHAPES = ("circle", "rectangle", "triangle")
+EASY_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+
+
+def easy_vqa_qtype(answer: str) -> str:
+    """easy-VQA question type from its answer: ``shape``, ``color`` or ``yes/no``."""
+    if answer in EASY_SHAPES:
+        return "shape"
+    if answer in EASY_COLORS:
+        return "color"
+    return "yes/no"
+
+
+def object_mask(image: Image.Image, tol: int = 24) -> np.ndarray:
+    """Pixels that differ from the background colour (taken from the four corners)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    corners = np.stack([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]])
+    bg = np.median(corners, axis=0)
+    return np.abs(a - bg).max(axis=-1) > tol
+
+
+def _easy_records(split: str):
+    try:
+        import easy_vqa
+    except ImportError as e:  # pragma: no cover - declared dependency
+        raise HeadsteerError("easy-VQA is not installed: run `pip install easy-vqa`") from e
+    if split == "train":
+        q, a, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        q, a, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise HeadsteerError(f"unknown easy-VQA split {split!r}: use 'train' or 'test'")
+    return q, a, ids, paths
+
+
+def easy_vqa_images(split: str = "test") -> dict[int, str]:
+    """image_id -> path of the easy-VQA images of a split."""
+    return _easy_records(split)[3]
+
+
+def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, with_images: bool = True):
+    """easy-VQA as a ``datasets.Dataset``.
+
+    ``qtypes`` keeps only some question types (e.g. ``("shape", "color")``, the object-identification
+    questions); ``limit`` keeps the first N remaining questions (the file order is fixed, so this is
+    deterministic).
+    """
+    import datasets
+
+    q, a, ids, paths = _easy_records(split)
+    rows = [(qq, aa, ii) for qq, aa, ii in zip(q, a, ids) if qtypes is None or easy_vqa_qtype(aa) in qtypes]
+    if limit is not None:
+        rows = rows[:limit]
+    data = {
+        "question": [r[0] for r in rows],
+        "answer": [r[1] for r in rows],
+        "answers": [[r[1]] for r in rows],
+        "qtype": [easy_vqa_qtype(r[1]) for r in rows],
+        "image_id": [r[2] for r in rows],
+    }
+    if with_images:
+        cache: dict[int, tuple] = {}
+        images, masks = [], []
+        for r in rows:
+            if r[2] not in cache:
+                im = Image.open(paths[r[2]]).convert("RGB")
+                cache[r[2]] = (im, object_mask(im))
+            images.append(cache[r[2]][0])
+            masks.append(cache[r[2]][1].tolist())
+        feats = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "question": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "answers": datasets.Sequence(datasets.Value("string")),
+                "qtype": datasets.Value("string"),
+                "image_id": datasets.Value("int64"),
+                "object_mask": datasets.Array2D(shape=(64, 64), dtype="bool"),
+            }
+        )
+        data["image"] = images
+        data["object_mask"] = masks
+        return datasets.Dataset.from_dict(data, features=feats)
+    return datasets.Dataset.from_dict(data)
+
+
+_IMAGE_COLS = ("image", "image_path", "img", "file_name")
+_ANSWER_COLS = ("answers", "answer", "label")
+
+
+def _read_table(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path) as f:
+            if suffix == ".json":
+                data = json.load(f)
+                return data if isinstance(data, list) else data.get("data", data.get("questions", []))
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".csv":
+        import csv
+
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    raise HeadsteerError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _find_table(folder: Path) -> Path:
+    for name in ("data", "questions", "metadata", "annotations"):
+        for ext in (".jsonl", ".json", ".csv", ".parquet"):
+            if (folder / f"{name}{ext}").exists():
+                return folder / f"{name}{ext}"
+    raise HeadsteerError(f"{folder}: no data.jsonl/questions.jsonl/metadata.csv (or .json/.parquet) found in the folder")
+
+
+def _open_image(value, root: Path) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        import io
+
+        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("path")
+    p = Path(str(value))
+    if not p.is_absolute():
+        p = root / p
+    if not p.exists():
+        raise HeadsteerError(f"image not found: {p} (paths in the data file are relative to {root})")
+    try:
+        return Image.open(p).convert("RGB")
+    except Exception as e:
+        raise HeadsteerError(f"cannot read image {p}: {e.__class__.__name__}: {e}") from None
+
+
+def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
+    """A user's VQA data from a JSONL/JSON/CSV/parquet file, or a folder holding one with the images.
+
+    Needs columns ``image`` (path relative to the file, or image bytes), ``question`` and
+    ``answer`` or ``answers`` (a list, or ``|``-separated in CSV); optional ``qtype``.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise HeadsteerError(f"data not found: {path}")
+    table = _find_table(path) if path.is_dir() else path
+    rows = _read_table(table)
+    if not rows:
+        raise HeadsteerError(f"{table}: no examples")
+    cols = set(rows[0])
+    img_col = next((c for c in _IMAGE_COLS if c in cols), None)
+    ans_col = next((c for c in _ANSWER_COLS if c in cols), None)
+    missing = [n for n, c in (("image", img_col), ("question", "question" if "question" in cols else None), ("answer", ans_col)) if c is None]
+    if missing:
+        raise HeadsteerError(f"{table}: missing column(s) {', '.join(missing)}; found {sorted(cols)}")
+    if limit is not None:
+        rows = rows[:limit]
+    out = {"image": [], "question": [], "answer": [], "answers": [], "qtype": []}
+    for r in rows:
+        answers = r[ans_col]
+        if isinstance(answers, str):
+            answers = [a.strip() for a in answers.split("|")] if ans_col == "answers" else [answers]
+        answers = [str(a) for a in answers]
+        out["image"].append(_open_image(r[img_col], table.parent))
+        out["question"].append(str(r["question"]))
+        out["answers"].append(answers)
+        out["answer"].append(max(set(answers), key=answers.count))
+        out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
+    feats = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "answers": datasets.Sequence(datasets.Value("string")),
+            "qtype": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_dict(out, features=feats)
+
+
+def load_data(spec: str | None, split: str = "test", limit: int | None = None, qtypes=None):
+    """``easy-vqa`` (default) / ``easy-vqa:train`` or a local path."""
+    if spec in (None, "", "easy-vqa", "easyvqa"):
+        return load_easy_vqa(split, limit=limit, qtypes=qtypes)
+    if spec.startswith("easy-vqa:"):
+        return load_easy_vqa(spec.split(":", 1)[1], limit=limit, qtypes=qtypes)
+    ds = load_local_vqa(spec, limit=limit)
+    if qtypes is not None:
+        ds = ds.filter(lambda r: r["qtype"] in qtypes)
+    return ds

@@ -1,0 +1,179 @@
+"""``HeadSet``: a set of (layer, query head) pairs of a language model, as a value type.
+
+Text form: comma-separated items ``L12H5`` (one head), ``L14H0-3`` (a range of heads),
+``L20H*`` (every head of a layer), ``L2-4H1`` (a range of layers), ``*`` (every head; needs the
+shape when converted to a mask). Indices are 0-based, as in the model's ``layer_idx``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import HeadsteerError
+
+_ITEM = re.compile(r"^L(\d+|\*)(?:-(\d+))?H(\d+|\*)(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class HeadSet:
+    heads: frozenset  # of (layer, head) int pairs
+    all_heads: bool = False  # "*" before a shape is known
+
+    # -- construction -------------------------------------------------------------------------
+    def __init__(self, heads: Iterable[tuple[int, int]] = (), all_heads: bool = False):
+        pairs = frozenset((int(l), int(h)) for l, h in heads)
+        if any(l < 0 or h < 0 for l, h in pairs):
+            raise HeadsteerError(f"negative layer or head index in {sorted(pairs)}")
+        object.__setattr__(self, "heads", pairs)
+        object.__setattr__(self, "all_heads", bool(all_heads))
+
+    @classmethod
+    def parse(cls, text: "str | HeadSet | Iterable", num_layers: int | None = None, num_heads: int | None = None) -> "HeadSet":
+        """Parse ``"L12H5,L14H0-3,L20H*"``. Wildcards need ``num_layers``/``num_heads`` unless the
+        whole set is ``"*"``."""
+        if isinstance(text, HeadSet):
+            return text.resolve(num_layers, num_heads) if text.all_heads and num_layers else text
+        if not isinstance(text, str):
+            return cls(text)
+        text = text.strip()
+        if text in ("", "none"):
+            return cls()
+        if text in ("*", "all"):
+            return cls.all(num_layers, num_heads) if num_layers and num_heads else cls(all_heads=True)
+        out = set()
+        for item in (t.strip() for t in text.split(",")):
+            m = _ITEM.match(item.upper())
+            if not m:
+                raise HeadsteerError(f"cannot parse head {item!r}: write heads like L12H5, L14H0-3, L20H* or L2-4H1")
+            l0, l1, h0, h1 = m.groups()
+            layers = cls._span(l0, l1, num_layers, "layer", item)
+            heads = cls._span(h0, h1, num_heads, "head", item)
+            out.update((l, h) for l in layers for h in heads)
+        hs = cls(out)
+        if num_layers is not None and num_heads is not None:
+            hs.validate(num_layers, num_heads)
+        return hs
+
+    @staticmethod
+    def _span(a, b, n, what, item):
+        if a == "*":
+            if n is None:
+                raise HeadsteerError(f"{item!r} uses a wildcard {what}; give the model so its number of {what}s is known")
+            return range(n)
+        lo, hi = int(a), int(b) if b is not None else int(a)
+        if hi < lo:
+            raise HeadsteerError(f"empty {what} range in {item!r}: write the lower index first")
+        return range(lo, hi + 1)
+
+    @classmethod
+    def all(cls, num_layers: int, num_heads: int) -> "HeadSet":
+        return cls((l, h) for l in range(num_layers) for h in range(num_heads))
+
+    @classmethod
+    def from_mask(cls, mask) -> "HeadSet":
+        m = torch.as_tensor(mask).bool()
+        if m.ndim != 2:
+            raise HeadsteerError(f"a head mask is [layers, heads]; got shape {tuple(m.shape)}")
+        return cls(map(tuple, m.nonzero().tolist()))
+
+    @classmethod
+    def from_json(cls, data) -> "HeadSet":
+        if isinstance(data, str):
+            data = json.loads(data)
+        if isinstance(data, str):
+            return cls.parse(data)
+        if isinstance(data, dict):
+            return cls.parse(data["heads"]) if isinstance(data["heads"], str) else cls(data["heads"])
+        return cls(data)
+
+    # -- conversion ---------------------------------------------------------------------------
+    def resolve(self, num_layers: int, num_heads: int) -> "HeadSet":
+        hs = HeadSet.all(num_layers, num_heads) if self.all_heads else self
+        hs.validate(num_layers, num_heads)
+        return hs
+
+    def validate(self, num_layers: int, num_heads: int) -> "HeadSet":
+        bad = sorted((l, h) for l, h in self.heads if l >= num_layers or h >= num_heads)
+        if bad:
+            l, h = bad[0]
+            raise HeadsteerError(
+                f"head L{l}H{h} is out of range: the model has {num_layers} layers (L0-L{num_layers - 1}) "
+                f"and {num_heads} query heads per layer (H0-H{num_heads - 1})"
+            )
+        return self
+
+    def to_mask(self, num_layers: int, num_heads: int) -> torch.Tensor:
+        hs = self.resolve(num_layers, num_heads)
+        m = torch.zeros(num_layers, num_heads, dtype=torch.bool)
+        for l, h in hs.heads:
+            m[l, h] = True
+        return m
+
+    def to_json(self) -> str:
+        return json.dumps(str(self))
+
+    def layers(self) -> list[int]:
+        return sorted({l for l, _ in self.heads})
+
+    def heads_in(self, layer: int) -> list[int]:
+        return sorted(h for l, h in self.heads if l == layer)
+
+    # -- value semantics ----------------------------------------------------------------------
+    def __str__(self) -> str:
+        if self.all_heads:
+            return "*"
+        parts = []
+        for layer in self.layers():
+            hs = self.heads_in(layer)
+            runs, start = [], hs[0]
+            for prev, cur in zip(hs, hs[1:] + [None]):
+                if cur != prev + 1:
+                    runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+                    start = cur
+            parts.extend(f"L{layer}H{r}" for r in runs)
+        return ",".join(parts)
+
+    def __repr__(self) -> str:
+        return f"HeadSet({str(self)!r})"
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(sorted(self.heads))
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __contains__(self, item) -> bool:
+        return tuple(item) in self.heads
+
+    def __bool__(self) -> bool:
+        return self.all_heads or bool(self.heads)
+
+    def _other(self, other) -> "HeadSet":
+        other = other if isinstance(other, HeadSet) else HeadSet.parse(other)
+        if self.all_heads or other.all_heads:
+            raise HeadsteerError("set algebra on '*' needs the model's shape: call .resolve(num_layers, num_heads) first")
+        return other
+
+    def __or__(self, other) -> "HeadSet":
+        return HeadSet(self.heads | self._other(other).heads)
+
+    def __and__(self, other) -> "HeadSet":
+        return HeadSet(self.heads & self._other(other).heads)
+
+    def __sub__(self, other) -> "HeadSet":
+        return HeadSet(self.heads - self._other(other).heads)
+
+    def __xor__(self, other) -> "HeadSet":
+        return HeadSet(self.heads ^ self._other(other).heads)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, str):
+            other = HeadSet.parse(other)
+        return isinstance(other, HeadSet) and self.heads == other.heads and self.all_heads == other.all_heads
+
+    def __hash__(self) -> int:
+        return hash((self.heads, self.all_heads))
