@@ -31,7 +31,7 @@ NEG = -1e30  # finite, so a row whose every key is knocked out gives a uniform r
 # ----------------------------------------------------------------------------------------------
 # Specs: interventions as data
 # ----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class Knockout:
     """Block attention from ``src`` keys to ``dst`` queries in the given heads.
 
@@ -44,7 +44,7 @@ class Knockout:
     heads: object = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Spec:
     """What to do to which heads. Every field is optional; an empty Spec changes nothing.
 
@@ -326,10 +326,21 @@ def _groups_hook(state: _State):
         continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if ids is None or (continuing and state.groups is not None):
             return None  # decoding: keep the prompt's groups; new tokens count as text after the image
-        state.groups = state.ad.token_groups(ids, kwargs.get("attention_mask"), state.object_patches)
+        am = kwargs.get("attention_mask")
+        state.groups = state.ad.token_groups(ids, am, state.object_patches)
+        if (state.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None
+                and not state.ad.model_type.startswith("qwen")):
+            # Positions count from the first real token (as generate() does), so that a padded row
+            # sees the same rotary phases as the same prompt alone — and as the baseline's keys.
+            kwargs["position_ids"] = (am.long().cumsum(-1) - 1).clamp(min=0)
+            return args, kwargs
         return None
 
     return hook
+
+
+def _left_padded(am) -> bool:
+    return am is not None and am.ndim == 2 and bool((am[:, 0] == 0).any())
 
 
 @contextlib.contextmanager
