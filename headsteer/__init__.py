@@ -5,6 +5,7 @@ from .heads import HeadSet
 from .load import default_model_path, load
 from .adapters import Adapter, get_adapter, supported_families
 from .intervene import Knockout, Recorder, Spec, intervene
+from . import ask  # noqa: F401  (headsteer.ask.default_image)
 
 __all__ = [
     "HeadsteerError", "HeadSet", "load", "default_model_path", "Adapter", "get_adapter",

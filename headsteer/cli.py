@@ -1,0 +1,96 @@
+"""``headsteer`` command line: each command is a few lines over one library function."""
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import HeadsteerError
+
+
+def friendly(fn):
+    """Bad input ends in one line naming the fix, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except HeadsteerError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+model_opt = click.option("--model", default="default", show_default=True, help="'default' (embedded easy-VQA LLaVA) or a local checkpoint directory")
+device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]), help="weights dtype")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="headsteer")
+def main():
+    """Find the attention heads that carry image information into a VLM's answer, and edit them."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@main.command()
+@model_opt
+@friendly
+def info(model):
+    """Architecture facts: layers, query/KV heads, image tokens per image."""
+    from . import load
+    from .adapters import get_adapter
+
+    m, proc = load(model)
+    ad = get_adapter(m, proc)
+    click.echo(f"model       {model}")
+    click.echo(f"family      {ad.model_type} ({type(m).__name__})")
+    click.echo(f"layers      {ad.num_layers}")
+    click.echo(f"heads       {ad.num_heads} query / {ad.num_kv_heads} KV per layer, head_dim {ad.head_dim}")
+    click.echo(f"parameters  {sum(p.numel() for p in m.parameters()):,}")
+    click.echo(f"image token id {ad.image_token_id}; prompt: {ad.prompt('{question}')!r}")
+
+
+@main.command()
+@model_opt
+@click.option("--image", "image", default=None, help="image path (default: the first easy-VQA test image)")
+@click.option("--question", default="what color is the shape?", show_default=True)
+@click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
+@click.option("--top", default=3, show_default=True, help="how many candidate answers to show")
+@device_opt
+@friendly
+def ask(model, image, question, edit_path, top, device):
+    """Answer one question about one image (and show an edit's effect)."""
+    from .ask import ask as run_ask
+
+    for line in run_ask(model, image, question, edit_path=edit_path, top=top, device=device):
+        click.echo(line)
+
+
+def _register_optional():
+    """Commands from the subpackages; a missing one must not break the rest of the CLI."""
+    import importlib
+
+    for modname, attr in (("headsteer.attribution.cli", "commands"), ("headsteer.edit.cli", "commands"),
+                          ("headsteer.eval.cli", "commands")):
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        for cmd in getattr(mod, attr):
+            main.add_command(cmd)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    sys.exit(main())
