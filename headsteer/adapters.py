@@ -176,6 +176,20 @@ class Adapter:
         tok = getattr(proc, "image_token", "<image>")
         return f"{tok}\n{question}"
 
+    def answer_token_id(self, answer: str, question: str = "what is in the image?") -> int:
+        """Id of the answer's first token as the model would emit it right after the prompt."""
+        tok = self.processor.tokenizer
+        prompt = self.prompt(question).replace(getattr(self.processor, "image_token", "<image>"), "")
+        sep = "" if prompt[-1:].isspace() else " "
+        base = tok(prompt, add_special_tokens=False).input_ids
+        full = tok(prompt + sep + answer, add_special_tokens=False).input_ids
+        if len(full) <= len(base) or full[: len(base)] != base:
+            ids = tok(sep + answer, add_special_tokens=False).input_ids
+            if not ids:
+                raise HeadsteerError(f"answer {answer!r} has no tokens")
+            return ids[0]
+        return full[len(base)]
+
     def encode(self, images, questions, device=None):
         """Processor inputs for a batch of (image, question), left-padded so the last real token is at -1."""
         proc = self.processor

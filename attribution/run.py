@@ -1,0 +1,174 @@
+"""A whole attribution study over a data set: per-image regression (written as it goes, so an
+interrupted run resumes), the paper's baselines (single-head ablation, attention weight), and
+aggregation over images and classes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from headsteer.adapters import get_adapter
+from headsteer.errors import HeadsteerError
+from headsteer.intervene import Recorder, intervene
+
+from .engine import NO_FAST_PATH, SuffixRunner, as_baseline, naive_logits
+from .regression import fit, sample_masks, statistic
+
+
+@dataclass
+class Settings:
+    n_images: int = 40
+    masks: int = 256
+    alpha: float = 0.1
+    baseline: str = "mean"
+    statistic: str = "logit"
+    method: str = "ridge"
+    seed: int = 0
+    compare: bool = True  # single-head ablation and attention-weight scores too
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def candidate_ids(ad, answers) -> list[int]:
+    return sorted({ad.answer_token_id(a) for a in answers})
+
+
+class Evaluator:
+    """Logits of one example under masks, by the fast path when the family has one."""
+
+    def __init__(self, model, processor, image, question, baseline):
+        self.model, self.processor, self.baseline = model, processor, baseline
+        self.ad = get_adapter(model, processor)
+        self.inputs = self.ad.encode([image], [question])
+        self.fast = self.ad.model_type not in NO_FAST_PATH
+        self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
+
+    def __call__(self, masks):
+        if self.runner is not None:
+            return self.runner(masks)
+        return naive_logits(self.model, self.processor, self.inputs, masks, self.baseline)
+
+    @torch.no_grad()
+    def attention_to_image(self):
+        rec = Recorder(self.ad.num_layers, self.ad.num_heads)
+        with intervene(self.model, recorder=rec):
+            self.model(**self.inputs, logits_to_keep=1)
+        return rec.mean("last").float().numpy()
+
+
+def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, candidates=None) -> dict:
+    ad = ev.ad
+    L, H = ad.num_layers, ad.num_heads
+    masks = sample_masks(s.masks, L, H, s.alpha, seed)
+    none = torch.zeros(1, L, H, dtype=torch.bool)
+    logits = ev(torch.cat([none, masks]))
+    stats = statistic(logits, answer_id, s.statistic, candidates)
+    clean, y = float(stats[0]), stats[1:]
+    f = fit(masks, y, s.method, seed=seed)
+    row = {
+        "scores": f.scores.round(6).tolist(),
+        "intercept": f.intercept,
+        "pearson": f.pearson,
+        "spearman": f.spearman,
+        "penalty": f.penalty,
+        "clean": clean,
+        "correct": int(logits[0].argmax()) == answer_id,
+        "masked_mean": float(y.mean()),
+    }
+    if s.compare:
+        single = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H)
+        st = statistic(ev(single), answer_id, s.statistic, candidates)
+        row["single"] = (clean - st).view(L, H).numpy().round(6).tolist()
+        row["attention"] = ev.attention_to_image().round(6).tolist()
+    return row
+
+
+def _done(path: Path) -> dict[int, dict]:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                rows[r["index"]] = r
+            except json.JSONDecodeError:
+                break  # a torn last line from an interrupted write: recompute it
+    return rows
+
+
+def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None) -> list[dict]:
+    """Per-image attribution of ``dataset`` rows 0..n_images-1; rows are appended to
+    ``out_dir/per_image.jsonl`` as they finish, and a rerun with the same settings resumes."""
+    ad = get_adapter(model, processor)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "settings.json"
+    meta = {**asdict(settings), "key": settings.key(), "model": str(getattr(model, "name_or_path", ""))}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("key") != meta["key"]:
+            raise HeadsteerError(f"{out} holds a run with other settings ({old.get('key')}); use another --out or delete it")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=2))
+    rows_path = out / "per_image.jsonl"
+    rows = _done(rows_path)
+    if rows_path.exists():  # rewrite without a torn tail so appends stay line-aligned
+        tmp = rows_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
+        os.replace(tmp, rows_path)
+    n = min(settings.n_images, len(dataset))
+    base = as_baseline(model, processor, settings.baseline)
+    cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None
+    todo = [i for i in range(n) if i not in rows]
+    with open(rows_path, "a") as f:
+        for i in todo:
+            ex = dataset[i]
+            ev = Evaluator(model, processor, ex["image"], ex["question"], base)
+            answer_id = ad.answer_token_id(ex["answer"], ex["question"])
+            row = attribute_example(ev, answer_id, settings, settings.seed * 100003 + i, cands)
+            row.update(index=i, question=ex["question"], answer=ex["answer"], qtype=ex.get("qtype"),
+                       image_id=ex.get("image_id"))
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            rows[i] = row
+            if progress is not None:
+                progress(1)
+    return [rows[i] for i in range(n)]
+
+
+def aggregate(rows: list[dict], top_k: int = 5) -> dict:
+    """Mean score, standard error and top-k frequency per head; per-class means; faithfulness."""
+    S = np.array([r["scores"] for r in rows])  # [N, L, H]
+    N, L, H = S.shape
+    flat = S.reshape(N, -1)
+    top = np.argsort(-flat, axis=1)[:, :top_k]
+    freq = np.zeros(L * H)
+    for t in top:
+        freq[t] += 1
+    agg = {
+        "mean": S.mean(0),
+        "stderr": S.std(0, ddof=1) / np.sqrt(N) if N > 1 else np.zeros((L, H)),
+        "topk_freq": (freq / N).reshape(L, H),
+        "pearson": float(np.nanmean([r["pearson"] for r in rows])),
+        "spearman": float(np.nanmean([r["spearman"] for r in rows])),
+        "n_images": N,
+        "clean_accuracy": float(np.mean([r["correct"] for r in rows])),
+        "per_class": {},
+    }
+    for cls in sorted({r["answer"] for r in rows}):
+        agg["per_class"][cls] = np.array([r["scores"] for r in rows if r["answer"] == cls]).mean(0)
+    if "single" in rows[0]:
+        agg["single"] = np.array([r["single"] for r in rows]).mean(0)
+        agg["attention"] = np.array([r["attention"] for r in rows]).mean(0)
+    return agg
+
+
+def ranked_heads(scores: np.ndarray) -> list[tuple[int, int]]:
+    L, H = scores.shape
+    order = np.argsort(-scores.reshape(-1), kind="stable")
+    return [(int(i // H), int(i % H)) for i in order]
