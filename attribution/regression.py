@@ -76,7 +76,7 @@ def fit(masks: torch.Tensor, y: torch.Tensor, method: str = "ridge", holdout: fl
     if method == "ridge":
         model = RidgeCV(alphas=np.logspace(-3, 3, 13))
     elif method == "lasso":
-        model = LassoCV(cv=5, n_alphas=30, random_state=seed, max_iter=5000)
+        model = LassoCV(cv=5, alphas=30, random_state=seed, max_iter=5000)
     else:
         raise HeadsteerError(f"unknown method {method!r}: use ridge or lasso")
     model.fit(X[train], y[train])

@@ -1,0 +1,114 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import headsteer
+from headsteer import HeadsteerError
+from headsteer.attribution import ablated_logits
+from headsteer.attribution.regression import fit, sample_masks, statistic
+from headsteer.attribution.run import Settings, run_attribution
+from headsteer.baseline import make_baseline
+from headsteer.cli import main
+from headsteer.data import load_easy_vqa
+
+
+def test_regression_recovers_planted_heads():
+    masks = sample_masks(400, 4, 8, 0.1, seed=0)
+    w = torch.zeros(4, 8)
+    w[2, 3], w[1, 0] = 3.0, 1.0
+    y = 10 - (masks.float() * w).sum((1, 2)) + 0.05 * torch.randn(400, generator=torch.Generator().manual_seed(1))
+    f = fit(masks, y)
+    top = np.argsort(-f.scores.reshape(-1))[:2]
+    assert set(top) == {2 * 8 + 3, 1 * 8 + 0}
+    assert f.pearson > 0.95 and abs(f.intercept - 10) < 0.2
+    assert fit(masks, y, "lasso").scores[2, 3] > 2.5
+
+
+def test_statistic_margin_and_bad_input():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0]])
+    assert statistic(logits, 1, "logit").tolist() == [3.0, 0.0]
+    assert statistic(logits, 1, "margin").tolist() == [1.0, -5.0]
+    assert statistic(logits, 1, "margin", candidates=[1, 2]).tolist() == [1.0, -1.0]
+    with pytest.raises(HeadsteerError):
+        sample_masks(3, 2, 2, 1.5)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "blank", "zero"])
+def test_ablated_logits_fast_equals_naive_on_default_model(default_model, baseline):
+    model, proc = default_model
+    ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
+    masks = sample_masks(12, 4, 8, 0.3, seed=2)
+    masks[0] = False
+    fast = ablated_logits(model, proc, ex["image"], ex["question"], masks, baseline=baseline)
+    naive = ablated_logits(model, proc, ex["image"], ex["question"], masks, baseline=baseline, fast=False)
+    assert fast.shape == (12, model.config.text_config.vocab_size)
+    torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = model(**headsteer.get_adapter(model).encode([ex["image"]], [ex["question"]])).logits[0, -1]
+    torch.testing.assert_close(fast[0], plain, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "blank", "zero"])
+def test_all_heads_ablated_makes_answer_image_independent(default_model, baseline):
+    model, proc = default_model
+    ds = load_easy_vqa("test", limit=2, qtypes=("shape",))
+    every = torch.ones(1, 4, 8, dtype=torch.bool)
+    a = ablated_logits(model, proc, ds[0]["image"], "what shape is in the image?", every, baseline=baseline)
+    other = load_easy_vqa("test", limit=40)[39]["image"]
+    b = ablated_logits(model, proc, other, "what shape is in the image?", every, baseline=baseline)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_masks_shape_is_checked(default_model):
+    model, proc = default_model
+    ex = load_easy_vqa("test", limit=1)[0]
+    with pytest.raises(HeadsteerError, match=r"masks must be bool \[M, 4, 8\]"):
+        ablated_logits(model, proc, ex["image"], ex["question"], torch.zeros(2, 3, 8, dtype=torch.bool), baseline="zero")
+
+
+def test_mean_baseline_is_cached(default_model, tmp_path):
+    model, proc = default_model
+    ims = [load_easy_vqa("train", limit=3)[i]["image"] for i in range(3)]
+    b1 = make_baseline(model, proc, "mean", reference=ims, cache_dir=tmp_path)
+    files = list(tmp_path.glob("baseline-mean-*.safetensors"))
+    assert len(files) == 1
+    b2 = make_baseline(model, proc, "mean", reference=ims, cache_dir=tmp_path)
+    assert torch.equal(b1.keys, b2.keys) and b2.describe()["n"] == 3
+    files[0].write_bytes(b"corrupt")
+    with pytest.raises(HeadsteerError, match="cannot read baseline"):
+        make_baseline(model, proc, "mean", reference=ims, cache_dir=tmp_path)
+
+
+def test_interrupted_run_resumes_without_recomputing(default_model, tmp_path):
+    model, proc = default_model
+    ds = load_easy_vqa("test", limit=3, qtypes=("shape",))
+    s = Settings(n_images=2, masks=24, compare=False, baseline="zero")
+    rows = run_attribution(model, proc, ds, s, tmp_path)
+    lines = (tmp_path / "per_image.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # a torn last line (killed mid-write) and one more image requested
+    (tmp_path / "per_image.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
+    calls = []
+    s3 = Settings(n_images=2, masks=24, compare=False, baseline="zero")
+    rows2 = run_attribution(model, proc, ds, s3, tmp_path, progress=calls.append)
+    assert len(calls) == 1  # only the torn image was recomputed
+    assert rows2[0] == rows[0] and np.allclose(rows2[1]["scores"], rows[1]["scores"])
+    with pytest.raises(HeadsteerError, match="other settings"):
+        run_attribution(model, proc, ds, Settings(n_images=2, masks=30, compare=False, baseline="zero"), tmp_path)
+
+
+def test_cli_attribute_writes_every_output(tmp_path):
+    out = tmp_path / "att"
+    r = CliRunner().invoke(main, ["attribute", "--n-images", "3", "--n-eval", "2", "--masks", "48", "--k-max", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in ("scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "summary.md", "per_image.jsonl"):
+        assert (out / name).exists(), name
+    data = json.loads((out / "heads.json").read_text())
+    assert len(data["heads"]) == 32 and data["baseline"]["kind"] == "mean"
+    assert set(data["topk_curves"]) == {"attribution", "single-head", "attention", "random"}
+    scores = headsteer.attribution.report.load_scores(out)
+    assert scores["per_image"].shape == (3, 4, 8)
+    assert not list(out.glob("*.tmp"))
