@@ -46,4 +46,6 @@ def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, m
     click.echo(f"wrote {out}/: scores.safetensors heads.json heatmap.png" + ("" if no_compare else " topk_curve.png") + " summary.md")
 
 
-commands = [attribute]
+from .flow_cli import flow  # noqa: E402
+
+commands = [attribute, flow]

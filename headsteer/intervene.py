@@ -36,7 +36,8 @@ class Knockout:
     """Block attention from ``src`` keys to ``dst`` queries in the given heads.
 
     ``src``/``dst`` are group names (see ``Adapter.token_groups``) or bool [B, T] tensors;
-    ``heads`` is a HeadSet/string/bool [L, H] mask (None = every head).
+    ``heads`` is a HeadSet/string, a bool [L, H] mask or one mask per example [B, L, H]
+    (None = every head).
     """
 
     src: object
@@ -145,7 +146,7 @@ def _heads_mask(heads, ad: Adapter, device) -> torch.Tensor:
     if heads is None:
         return torch.ones(ad.num_layers, ad.num_heads, dtype=torch.bool, device=device)
     if isinstance(heads, (str, HeadSet)):
-        return HeadSet.parse(heads).to_mask(ad.num_layers, ad.num_heads).to(device)
+        return HeadSet.parse(heads, ad.num_layers, ad.num_heads).to_mask(ad.num_layers, ad.num_heads).to(device)
     m = torch.as_tensor(heads).bool().to(device)
     if m.shape[-2:] != (ad.num_layers, ad.num_heads):
         raise HeadsteerError(f"head mask has shape {tuple(m.shape)}; this model needs [..., {ad.num_layers}, {ad.num_heads}]")
@@ -236,10 +237,11 @@ def _attend(module, state: _State, layer, query, key, value, attention_mask, sca
             continue
         groups = state.groups_for(spec)
         for ko in spec.knockouts:
-            hm = _heads_mask(ko.heads, ad, dev)[layer]  # [H]
+            hm = _heads_mask(ko.heads, ad, dev)[..., layer, :]  # [H] or per example [B, H]
+            hm = hm[None] if hm.ndim == 1 else hm
             src = _group(groups, ko.src, k_len, dev)
             dst = _group(groups, ko.dst, k_len, dev)[:, k_len - q_len:]
-            block = hm[None, :, None, None] & dst[:, None, :, None] & src[:, None, None, :]
+            block = hm[:, :, None, None] & dst[:, None, :, None] & src[:, None, None, :]
             bias = bias.masked_fill(block, NEG)
         if spec.image_attn is not None:
             fac = spec.image_attn.to(dev)[layer].float()  # [H]

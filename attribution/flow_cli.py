@@ -1,0 +1,90 @@
+"""``headsteer flow``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from headsteer.cli import device_opt, friendly, model_opt
+
+
+def heads_option_value(heads, from_attribution, top_k, ad):
+    from headsteer.heads import HeadSet
+
+    if heads:
+        return HeadSet.parse(heads, ad.num_layers, ad.num_heads)
+    if from_attribution:
+        from headsteer.load import read_json
+
+        data = read_json(Path(from_attribution) / "heads.json")
+        return HeadSet.parse(",".join(r["head"] for r in data["heads"][:top_k]), ad.num_layers, ad.num_heads)
+    return None
+
+
+def plot_flow(out: Path, flow: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [w[0] if w[0] == w[1] else (w[0] + w[1]) / 2 for w in flow["windows"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for e, vals in flow["edges"].items():
+        ax.plot(x, [100 * v for v in vals], marker="o", ms=3, label=e)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("layer (window centre)")
+    ax.set_ylabel("relative change of answer probability (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / "flow.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out / "flow.png")
+    plt.close(fig)
+
+
+@click.command()
+@model_opt
+@click.option("--data", default="easy-vqa", show_default=True)
+@click.option("--qtype", default="shape", show_default=True, help="question types (comma-separated; 'all')")
+@click.option("--n-images", default=20, show_default=True)
+@click.option("--window", default=1, show_default=True, help="consecutive layers knocked out together")
+@click.option("--heads", default=None, help="also knock out only in these heads, vs random heads of the same count")
+@click.option("--from-attribution", default=None, help="an attribution run directory: use its top --top-k heads")
+@click.option("--top-k", default=4, show_default=True)
+@click.option("--out", default="runs/flow", show_default=True)
+@device_opt
+@friendly
+def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, out, device):
+    """Attention knockout between token groups, layer window by layer window."""
+    from tqdm import tqdm
+
+    from headsteer import get_adapter, load
+    from headsteer.data import load_data
+
+    from .flow import describe, flow_dataset
+
+    m, proc = load(model, device=device)
+    ad = get_adapter(m, proc)
+    ds = load_data(data, limit=n_images, qtypes=None if qtype == "all" else tuple(qtype.split(",")))
+    hs = heads_option_value(heads, from_attribution, top_k, ad)
+    with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
+        result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    tmp = outp / "flow.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, outp / "flow.json")
+    plot_flow(outp, result)
+    text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
+                      "Relative change of the answer probability when the edge is knocked out:", ""] + describe(result)) + "\n"
+    tmp = outp / "summary.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, outp / "summary.md")
+    click.echo(text)
+    click.echo(f"wrote {out}/: flow.json flow.png summary.md")
+
+
+commands = [flow]
