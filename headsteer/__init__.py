@@ -7,7 +7,16 @@ from .adapters import Adapter, get_adapter, supported_families
 from .intervene import Knockout, Recorder, Spec, intervene
 from . import ask  # noqa: F401  (headsteer.ask.default_image)
 
-__all__ = [
+
+
+def load_edited(path, **kwargs):
+    """Load a checkpoint written by ``headsteer export`` (re-applying edits not baked into it)."""
+    from .edit import load_edited as _load_edited
+
+    return _load_edited(path, **kwargs)
+
+
+__all__ = ["load_edited", 
     "HeadsteerError", "HeadSet", "load", "default_model_path", "Adapter", "get_adapter",
     "supported_families", "intervene", "Spec", "Knockout", "Recorder",
 ]

@@ -59,6 +59,16 @@ class HeadSet:
         return hs
 
     @staticmethod
+    def check_syntax(text: str) -> str:
+        """Raise a clear error for malformed text; wildcards are fine (resolved against a model later)."""
+        if text.strip() in ("", "none", "*", "all"):
+            return text
+        for item in (t.strip() for t in text.split(",")):
+            if not _ITEM.match(item.upper()):
+                raise HeadsteerError(f"cannot parse head {item!r}: write heads like L12H5, L14H0-3, L20H* or L2-4H1")
+        return text
+
+    @staticmethod
     def _span(a, b, n, what, item):
         if a == "*":
             if n is None:
