@@ -79,14 +79,22 @@ class Recorder:
         self.last = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self.text = torch.zeros(num_layers, num_heads, dtype=torch.float64)
         self.count = 0
+        self.latest: dict[int, torch.Tensor] = {}  # layer -> [B, H] text->image mass of the last forward
+
+    def per_example(self) -> torch.Tensor:
+        """[B, L]: mean over heads of the after-image text's attention mass on image tokens, for
+        each example of the most recent forward."""
+        return torch.stack([self.latest[l].mean(-1) for l in sorted(self.latest)], 1)
 
     def add(self, layer, probs, img_k, after_q, last_q):
         img = probs.float() * img_k[:, None, None, :].float()  # [B,H,q,k]
         mass = img.sum(-1)  # [B,H,q]
         lq = last_q[:, None, :].float()
         aq = after_q[:, None, :].float()
+        per_text = (mass * aq).sum(-1) / aq.sum(-1).clamp(min=1)  # [B, H]
         self.last[layer] += ((mass * lq).sum(-1)).sum(0).double().cpu()
-        self.text[layer] += ((mass * aq).sum(-1) / aq.sum(-1).clamp(min=1)).sum(0).double().cpu()
+        self.text[layer] += per_text.sum(0).double().cpu()
+        self.latest[layer] = per_text.detach().float().cpu()
         if layer == 0:
             self.count += probs.shape[0]
 

@@ -1,0 +1,119 @@
+"""``headsteer eval`` and ``headsteer compare``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from headsteer.cli import device_opt, dtype_opt, friendly, model_opt
+
+
+def data_options(f):
+    f = click.option("--data", default="easy-vqa", show_default=True,
+                     help="easy-vqa[:split], vqa:PATH, pope:PATH[::split] or a local VQA file/folder")(f)
+    f = click.option("--qtype", default="all", show_default=True, help="question types (comma-separated)")(f)
+    f = click.option("--limit", default=500, show_default=True, help="examples to evaluate")(f)
+    f = click.option("--task", default=None, help="shift the data: contrast:C, noise:S or rename:old=new,...")(f)
+    f = click.option("--batch-size", default=32, show_default=True)(f)
+    f = click.option("--baseline", default="mean", show_default=True, type=click.Choice(["mean", "blank", "zero"]))(f)
+    f = click.option("--top-heads", default=None, help="heads for the top-k recovery metric (or --attribution's top 4)")(f)
+    f = click.option("--attribution", default=None, help="attribution run directory (heatmap in reports, top heads)")(f)
+    f = click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs (accelerate)")(f)
+    return device_opt(dtype_opt(model_opt(f)))
+
+
+def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
+    from headsteer import HeadSet, get_adapter, load
+    from headsteer.edit.tasks import shifted
+
+    from .benchmarks import load_benchmark
+
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    ad = get_adapter(m, proc)
+    ds = shifted(load_benchmark(data, limit=limit, qtypes=None if qtype == "all" else tuple(qtype.split(","))), task)
+    hs = None
+    if top_heads:
+        hs = HeadSet.parse(top_heads, ad.num_layers, ad.num_heads)
+    elif attribution:
+        from headsteer.load import read_json
+
+        top = [r["head"] for r in read_json(Path(attribution) / "heads.json")["heads"][:4]]
+        hs = HeadSet.parse(",".join(top), ad.num_layers, ad.num_heads)
+    return m, proc, ds, hs
+
+
+def _write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@click.command("eval")
+@data_options
+@click.option("--edit", "edit_path", default=None, help="edit manifest to apply")
+@click.option("--metrics", default="accuracy,transfer", show_default=True)
+@click.option("--mode", default="closed", type=click.Choice(["closed", "open"]), show_default=True,
+              help="closed: argmax over the data set's answers; open: greedy generation")
+@click.option("--out", default="runs/eval", show_default=True)
+@friendly
+def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
+             edit_path, metrics, mode, out):
+    """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
+    from tqdm import tqdm
+
+    from headsteer.edit import EditManifest
+
+    from .benchmarks import pope_metrics
+    from .run import evaluate, process_shard, summary
+
+    m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
+    edit = EditManifest.load(edit_path) if edit_path else None
+    rank, world = process_shard()
+    with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
+        rows = evaluate(m, proc, ds, tuple(metrics.split(",")), edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
+                        top_heads=hs, out_dir=out, progress=bar.update)
+    if rank != 0:
+        return
+    s = summary(rows)
+    if data.startswith("pope:") and rows and "prediction" in rows[0]:
+        s["pope"] = pope_metrics(rows)
+    s["edit"] = edit.describe() if edit else None
+    s["data"], s["task"], s["processes"] = data, task, world
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    _write(outp / "summary.json", json.dumps(s, indent=2))
+    if world > 1:
+        _write(outp / "per_example.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    click.echo(json.dumps({k: v for k, v in s.items() if k != "attn_to_image_per_layer"}, indent=2))
+
+
+@click.command()
+@data_options
+@click.option("--edits", "edit_paths", multiple=True, required=True, help="edit manifests (repeat, or space-separated)")
+@click.option("--metrics", default="accuracy,transfer", show_default=True)
+@click.option("--out", default="runs/compare", show_default=True)
+@friendly
+def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
+            edit_paths, metrics, out):
+    """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
+    from tqdm import tqdm
+
+    from headsteer.edit import EditManifest
+
+    from .compare import compare as run_compare
+    from .compare import markdown
+
+    m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
+    paths = [p for e in edit_paths for p in e.split()]
+    edits = {Path(p).stem: EditManifest.load(p) for p in paths}
+    n = min(limit, len(ds))
+    with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
+        rows = run_compare(m, proc, ds, edits, out, tuple(metrics.split(",")), attribution, batch_size, baseline, hs,
+                           progress=bar.update, limit=limit)
+    click.echo(markdown(rows))
+    click.echo(f"wrote {out}/: compare.md compare.csv compare.png report.html")
+
+
+commands = [eval_cmd, compare]

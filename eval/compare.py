@@ -1,0 +1,153 @@
+"""Compare the unedited model and several edits on the same examples: a table (markdown + CSV),
+a bar plot, and a self-contained HTML report."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .run import evaluate, summary
+
+
+def paired_p(a_rows, b_rows) -> float:
+    """Exact McNemar test on per-example correctness (same examples, same order)."""
+    from scipy.stats import binomtest
+
+    a = np.array([r["correct"] >= 0.5 for r in a_rows])
+    b = np.array([r["correct"] >= 0.5 for r in b_rows])
+    n01, n10 = int((~a & b).sum()), int((a & ~b).sum())
+    if n01 + n10 == 0:
+        return 1.0
+    return float(binomtest(n01, n01 + n10, 0.5).pvalue)
+
+
+def reliance_p(a_rows, b_rows) -> float:
+    from scipy.stats import ttest_rel
+
+    a = np.array([r["image_reliance"] for r in a_rows])
+    b = np.array([r["image_reliance"] for r in b_rows])
+    if np.allclose(a, b):
+        return 1.0
+    return float(ttest_rel(a, b).pvalue)
+
+
+def table_rows(results: dict) -> list[dict]:
+    """``results``: name -> per-example rows; the first entry is the reference (unedited)."""
+    names = list(results)
+    ref = results[names[0]]
+    out = []
+    for name in names:
+        rows = results[name]
+        s = summary(rows)
+        acc = s.get("accuracy", {}).get("all", {})
+        row = {"edit": name, "n": s["n"]}
+        if acc:
+            row.update(accuracy=acc["accuracy"], ci_low=acc["ci"][0], ci_high=acc["ci"][1])
+            row["delta_accuracy"] = acc["accuracy"] - summary(ref)["accuracy"]["all"]["accuracy"]
+            row["p_accuracy"] = paired_p(ref, rows) if name != names[0] else float("nan")
+        if "image_reliance" in s:
+            row.update(image_reliance=s["image_reliance"], accuracy_blank_image=s["accuracy_blank_image"],
+                       accuracy_no_image_flow=s["accuracy_no_image_flow"],
+                       attn_to_image=float(np.mean(s["attn_to_image_per_layer"])))
+            if "topk_recovered" in s:
+                row["topk_recovered"] = s["topk_recovered"]
+            row["delta_image_reliance"] = s["image_reliance"] - summary(ref)["image_reliance"]
+            row["p_image_reliance"] = reliance_p(ref, rows) if name != names[0] else float("nan")
+        out.append(row)
+    return out
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "–" if v != v else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bar_plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["edit"] for r in rows]
+    metrics = [m for m in ("accuracy", "accuracy_blank_image", "image_reliance") if m in rows[0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        vals = [r[m] for r in rows]
+        ax.bar(range(len(names)), vals, color=["#777"] + ["#3a7"] * (len(names) - 1))
+        if m == "accuracy":
+            err = np.array([[r["accuracy"] - r["ci_low"], r["ci_high"] - r["accuracy"]] for r in rows]).T
+            ax.errorbar(range(len(names)), vals, yerr=err, fmt="none", ecolor="k", capsize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(m.replace("_", " "))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return buf.getvalue()
+
+
+def html_report(rows, plot_png: bytes, heatmap: Path | None, title: str, settings: dict) -> str:
+    def img(data):
+        return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" style="max-width:100%">'
+
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><pre>{html.escape(json.dumps(settings, indent=2))}</pre>",
+             f"<table><tr>{head}</tr>{body}</table>", "<h2>Metrics</h2>", img(plot_png)]
+    if heatmap is not None and heatmap.exists():
+        parts += ["<h2>Head attribution</h2>", img(heatmap.read_bytes())]
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def compare(model, processor, dataset, edits: dict, out_dir, metrics=("accuracy", "transfer"), attribution=None,
+            batch_size=16, baseline="mean", top_heads=None, progress=None, limit=None) -> list[dict]:
+    """``edits``: name -> EditManifest (the unedited model is added first as 'unedited')."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, edit in [("unedited", None)] + list(edits.items()):
+        results[name] = evaluate(model, processor, dataset, metrics, edit=edit, batch_size=batch_size, baseline=baseline,
+                                 top_heads=top_heads, out_dir=out / "runs" / name, progress=progress, limit=limit)
+    rows = table_rows(results)
+    _atomic_text(out / "compare.md", markdown(rows))
+    tmp = out / "compare.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "compare.csv")
+    png = bar_plot(rows, out / "compare.png")
+    settings = {"edits": {n: e.describe() for n, e in edits.items()}, "metrics": list(metrics), "n": rows[0]["n"],
+                "baseline": baseline, "top_heads": str(top_heads) if top_heads is not None else None}
+    hm = Path(attribution) / "heatmap.png" if attribution else None
+    _atomic_text(out / "report.html", html_report(rows, png, hm, "headsteer compare", settings))
+    return rows

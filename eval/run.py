@@ -1,0 +1,125 @@
+"""Evaluate a model (optionally under an edit) on a VQA data set: per-example rows written as they
+finish (a rerun resumes), data-parallel over processes under ``accelerate launch``."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from headsteer.adapters import get_adapter
+from headsteer.errors import HeadsteerError
+
+from .accuracy import predict_closed, predict_open, soft_accuracy, summarize
+
+METRICS = ("accuracy", "transfer")
+
+
+def _edit_context(model, processor, edit):
+    if edit is None:
+        return contextlib.nullcontext()
+    from headsteer.edit import apply_edit
+
+    return apply_edit(model, edit, processor)
+
+
+def process_shard():
+    """(index, count) of this process under ``accelerate launch`` (0, 1 otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        st = PartialState()
+        return st.process_index, st.num_processes
+    return 0, 1
+
+
+def gather_rows(rows: list[dict]) -> list[dict]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_size: int = 16, mode: str = "closed",
+             baseline="mean", top_heads=None, out_dir=None, progress=None, limit: int | None = None) -> list[dict]:
+    """Per-example rows (index, qtype, prediction, correct/score, transfer metrics)."""
+    bad = set(metrics) - set(METRICS)
+    if bad:
+        raise HeadsteerError(f"unknown metric(s) {', '.join(sorted(bad))}: use {', '.join(METRICS)}")
+    ad = get_adapter(model, processor)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    rank, world = process_shard()
+    mine = list(range(rank, n, world))
+    done = {}
+    path = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                    done[r["index"]] = r
+                except json.JSONDecodeError:
+                    break
+            path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    todo = [i for i in mine if i not in done]
+    candidates = sorted(set(dataset["answer"])) if mode == "closed" else None
+    base = None
+    if "transfer" in metrics:
+        from headsteer.attribution.engine import as_baseline
+
+        base = as_baseline(model, processor, baseline)
+    f = open(path, "a") if path is not None else None
+    try:
+        with _edit_context(model, processor, edit):
+            for s in range(0, len(todo), batch_size):
+                idx = todo[s : s + batch_size]
+                ex = [dataset[i] for i in idx]
+                ims, qs = [e["image"] for e in ex], [e["question"] for e in ex]
+                rows = [{"index": i, "qtype": e.get("qtype"), "answer": e["answer"]} for i, e in zip(idx, ex)]
+                if "accuracy" in metrics:
+                    if mode == "closed":
+                        preds, _ = predict_closed(model, processor, ims, qs, candidates)
+                    else:
+                        preds = predict_open(model, processor, ims, qs)
+                    for r, p, e in zip(rows, preds, ex):
+                        r["prediction"] = p
+                        r["correct"] = soft_accuracy(p, e.get("answers") or [e["answer"]])
+                if "transfer" in metrics:
+                    from .transfer import transfer_batch
+
+                    tr = transfer_batch(model, processor, ims, qs, [e["answer"] for e in ex], base, top_heads, candidates)
+                    for r, t in zip(rows, tr):
+                        r.update(t)
+                for r in rows:
+                    done[r["index"]] = r
+                    if f is not None:
+                        f.write(json.dumps(r) + "\n")
+                if f is not None:
+                    f.flush()
+                if progress is not None:
+                    progress(len(idx))
+    finally:
+        if f is not None:
+            f.close()
+    return gather_rows([done[i] for i in mine])
+
+
+def summary(rows: list[dict]) -> dict:
+    """Accuracy (overall, per type, CIs) and the mean transfer metrics."""
+    out = {"n": len(rows)}
+    if rows and "correct" in rows[0]:
+        out["accuracy"] = summarize(rows, "correct")
+    if rows and "image_reliance" in rows[0]:
+        out["image_reliance"] = float(np.mean([r["image_reliance"] for r in rows]))
+        out["accuracy_blank_image"] = float(np.mean([r["correct_blank"] for r in rows]))
+        out["accuracy_no_image_flow"] = float(np.mean([r["correct_no_image_flow"] for r in rows]))
+        out["attn_to_image_per_layer"] = np.mean([r["attn_to_image"] for r in rows], axis=0).tolist()
+        if "topk_recovered" in rows[0]:
+            vals = [r["topk_recovered"] for r in rows if r["topk_recovered"] == r["topk_recovered"]]
+            out["topk_recovered"] = float(np.median(vals)) if vals else float("nan")
+    return out
