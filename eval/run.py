@@ -28,9 +28,10 @@ def _edit_context(model, processor, edit):
 def process_shard():
     """(index, count) of this process under ``accelerate launch`` (0, 1 otherwise)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        st = PartialState()
+        st = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines
         return st.process_index, st.num_processes
     return 0, 1
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 
 import click
 
@@ -91,6 +90,3 @@ def _register_optional():
 
 
 _register_optional()
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,4 @@
+"""``python -m headsteer`` (what ``accelerate launch -m headsteer`` runs)."""
+from headsteer.cli import main
+
+main()
