@@ -40,8 +40,13 @@ def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, m
     s = Settings(n_images=n_images, masks=masks, alpha=alpha, baseline=baseline, statistic=statistic, method=method,
                  seed=seed, compare=not no_compare)
     total = min(n_images, len(ds)) + (0 if no_compare else max(0, min(len(ds), n_images + n_eval) - n_images))
-    with tqdm(total=total, desc="attribute", unit="img") as bar:
+    from headsteer.eval.run import process_shard
+
+    rank, _ = process_shard()
+    with tqdm(total=total, desc="attribute", unit="img", disable=rank > 0) as bar:
         result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=bar.update)
+    if result is None:
+        return
     click.echo((__import__("pathlib").Path(out) / "summary.md").read_text())
     click.echo(f"wrote {out}/: scores.safetensors heads.json heatmap.png" + ("" if no_compare else " topk_curve.png") + " summary.md")
 

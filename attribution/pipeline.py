@@ -32,6 +32,10 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
     ad = get_adapter(model, processor)
     out = Path(out_dir)
     rows = run_attribution(model, processor, dataset, settings, out, progress=progress)
+    from headsteer.eval.run import process_shard
+
+    if process_shard()[0] != 0:
+        return None  # the main process aggregates and writes the outputs
     agg = aggregate(rows)
     n_heads = ad.num_layers * ad.num_heads
     k_max = k_max or max(3, min(n_heads // 4, 16))

@@ -103,19 +103,25 @@ def _done(path: Path) -> dict[int, dict]:
 
 def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None) -> list[dict]:
     """Per-image attribution of ``dataset`` rows 0..n_images-1; rows are appended to
-    ``out_dir/per_image.jsonl`` as they finish, and a rerun with the same settings resumes."""
+    ``out_dir/per_image.jsonl`` as they finish, and a rerun with the same settings resumes.
+    Under ``accelerate launch`` each process takes every world-th image and all rows are gathered."""
     ad = get_adapter(model, processor)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta_path = out / "settings.json"
+    meta_path = out / "settings.json"  # written by every process alike: same content
     meta = {**asdict(settings), "key": settings.key(), "model": str(getattr(model, "name_or_path", ""))}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old.get("key") != meta["key"]:
             raise HeadsteerError(f"{out} holds a run with other settings ({old.get('key')}); use another --out or delete it")
     else:
-        meta_path.write_text(json.dumps(meta, indent=2))
-    rows_path = out / "per_image.jsonl"
+        tmp = meta_path.with_name(f"settings.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+    from headsteer.eval.run import gather_rows, process_shard
+
+    rank, world = process_shard()
+    rows_path = out / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
     rows = _done(rows_path)
     if rows_path.exists():  # rewrite without a torn tail so appends stay line-aligned
         tmp = rows_path.with_suffix(".tmp")
@@ -124,7 +130,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     n = min(settings.n_images, len(dataset))
     base = as_baseline(model, processor, settings.baseline)
     cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None
-    todo = [i for i in range(n) if i not in rows]
+    todo = [i for i in range(rank, n, world) if i not in rows]
     with open(rows_path, "a") as f:
         for i in todo:
             ex = dataset[i]
@@ -138,7 +144,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
             rows[i] = row
             if progress is not None:
                 progress(1)
-    return [rows[i] for i in range(n)]
+    return gather_rows([rows[i] for i in range(rank, n, world)])
 
 
 def aggregate(rows: list[dict], top_k: int = 5) -> dict:

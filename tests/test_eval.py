@@ -114,3 +114,21 @@ def test_two_process_accelerate_gives_the_same_numbers(tmp_path):
     assert s2["processes"] == 2 and s1["n"] == s2["n"] == 10
     assert s1["accuracy"]["all"]["accuracy"] == s2["accuracy"]["all"]["accuracy"]
     assert s1["image_reliance"] == pytest.approx(s2["image_reliance"], abs=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate not installed")
+def test_two_process_attribution_gives_the_same_scores(tmp_path):
+    args = ["attribute", "--n-images", "3", "--masks", "32", "--no-compare", "--baseline", "zero"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTEER_CACHE": str(tmp_path / "cache")}
+    one = subprocess.run([sys.executable, "-m", "headsteer", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "headsteer", *args, "--out", str(tmp_path / "two")],
+                         env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "per_image.rank1.jsonl").exists()
+    a = json.loads((tmp_path / "one" / "heads.json").read_text())["heads"]
+    b = json.loads((tmp_path / "two" / "heads.json").read_text())["heads"]
+    assert [r["head"] for r in a] == [r["head"] for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
