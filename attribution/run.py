@@ -15,6 +15,7 @@ import torch
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
 from headsteer.intervene import Recorder, intervene
+from headsteer.rows import resume_rows
 
 from .engine import NO_FAST_PATH, SuffixRunner, as_baseline, naive_logits
 from .regression import fit, sample_masks, statistic
@@ -89,18 +90,6 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
     return row
 
 
-def _done(path: Path) -> dict[int, dict]:
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                rows[r["index"]] = r
-            except json.JSONDecodeError:
-                break  # a torn last line from an interrupted write: recompute it
-    return rows
-
-
 def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None) -> list[dict]:
     """Per-image attribution of ``dataset`` rows 0..n_images-1; rows are appended to
     ``out_dir/per_image.jsonl`` as they finish, and a rerun with the same settings resumes.
@@ -122,11 +111,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
 
     rank, world = process_shard()
     rows_path = out / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
-    rows = _done(rows_path)
-    if rows_path.exists():  # rewrite without a torn tail so appends stay line-aligned
-        tmp = rows_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(rows[i]) + "\n" for i in sorted(rows)))
-        os.replace(tmp, rows_path)
+    rows = resume_rows(rows_path)
     n = min(settings.n_images, len(dataset))
     base = as_baseline(model, processor, settings.baseline)
     cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None

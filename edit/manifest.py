@@ -9,7 +9,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from headsteer.errors import HeadsteerError
 from headsteer.heads import HeadSet

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headsteer.data import _open_image, load_data, load_local_vqa
+from headsteer.data import _open_image, load_data, load_local_vqa, vqa_features
 from headsteer.errors import HeadsteerError
 
 
@@ -41,9 +41,7 @@ def load_pope(path, split: str | None = None, limit=None):
         out["qtype"].append(cat)
         if limit and len(out["image"]) >= limit:
             break
-    return datasets.Dataset.from_dict(out, features=datasets.Features({
-        "image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string"),
-        "answers": datasets.Sequence(datasets.Value("string")), "qtype": datasets.Value("string")}))
+    return datasets.Dataset.from_dict(out, features=vqa_features())
 
 
 def pope_metrics(rows: list[dict]) -> dict:

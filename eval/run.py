@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
+
+from headsteer.rows import resume_rows
 
 from .accuracy import predict_closed, predict_open, soft_accuracy, summarize
 
@@ -50,7 +51,6 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     bad = set(metrics) - set(METRICS)
     if bad:
         raise HeadsteerError(f"unknown metric(s) {', '.join(sorted(bad))}: use {', '.join(METRICS)}")
-    ad = get_adapter(model, processor)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rank, world = process_shard()
     mine = list(range(rank, n, world))
@@ -59,14 +59,7 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         path = Path(out_dir) / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                    done[r["index"]] = r
-                except json.JSONDecodeError:
-                    break
-            path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+        done = resume_rows(path)
     todo = [i for i in mine if i not in done]
     candidates = sorted(set(dataset["answer"])) if mode == "closed" else None
     base = None

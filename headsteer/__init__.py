@@ -5,7 +5,7 @@ from .heads import HeadSet
 from .load import default_model_path, load
 from .adapters import Adapter, get_adapter, supported_families
 from .intervene import Knockout, Recorder, Spec, intervene
-from . import ask  # noqa: F401  (headsteer.ask.default_image)
+from . import ask  # noqa: F401  (exposes headsteer.ask.default_image)
 
 
 

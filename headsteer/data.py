@@ -36,6 +36,20 @@ def object_mask(image: Image.Image, tol: int = 24) -> np.ndarray:
     return np.abs(a - bg).max(axis=-1) > tol
 
 
+def vqa_features(**extra):
+    """The columns every VQA data set here has, plus ``extra``."""
+    import datasets
+
+    return datasets.Features({
+        "image": datasets.Image(),
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "answers": datasets.Sequence(datasets.Value("string")),
+        "qtype": datasets.Value("string"),
+        **extra,
+    })
+
+
 def _easy_records(split: str):
     try:
         import easy_vqa
@@ -86,17 +100,7 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, wi
                 cache[r[2]] = (im, object_mask(im))
             images.append(cache[r[2]][0])
             masks.append(cache[r[2]][1].tolist())
-        feats = datasets.Features(
-            {
-                "image": datasets.Image(),
-                "question": datasets.Value("string"),
-                "answer": datasets.Value("string"),
-                "answers": datasets.Sequence(datasets.Value("string")),
-                "qtype": datasets.Value("string"),
-                "image_id": datasets.Value("int64"),
-                "object_mask": datasets.Array2D(shape=(64, 64), dtype="bool"),
-            }
-        )
+        feats = vqa_features(image_id=datasets.Value("int64"), object_mask=datasets.Array2D(shape=(64, 64), dtype="bool"))
         data["image"] = images
         data["object_mask"] = masks
         return datasets.Dataset.from_dict(data, features=feats)
@@ -189,16 +193,7 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
         out["answers"].append(answers)
         out["answer"].append(max(set(answers), key=answers.count))
         out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
-    feats = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "question": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "answers": datasets.Sequence(datasets.Value("string")),
-            "qtype": datasets.Value("string"),
-        }
-    )
-    return datasets.Dataset.from_dict(out, features=feats)
+    return datasets.Dataset.from_dict(out, features=vqa_features())
 
 
 def load_data(spec: str | None, split: str = "test", limit: int | None = None, qtypes=None):

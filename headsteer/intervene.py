@@ -12,7 +12,6 @@ replaced for the query heads that are selected.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass, field
 

@@ -55,6 +55,18 @@ def test_image_reliance_matches_ablation(default_model):
         assert len(r["attn_to_image"]) == ad.num_layers and all(0 <= a <= 1 for a in r["attn_to_image"])
 
 
+def _run_one_and_two_processes(args, tmp_path):
+    """Run a CLI command in one process and under a 2-process accelerate launch (gloo on CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTEER_CACHE": str(tmp_path / "cache")}
+    one = subprocess.run([sys.executable, "-m", "headsteer", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "headsteer", *args, "--out", str(tmp_path / "two")],
+                         env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+
 def _pope_fixture(tmp_path):
     rows = []
     for i, (cat, lab) in enumerate([("random", "yes"), ("random", "no"), ("popular", "yes"), ("adversarial", "no")]):
@@ -100,15 +112,7 @@ def test_cli_eval_pope(tmp_path):
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate not installed")
 def test_two_process_accelerate_gives_the_same_numbers(tmp_path):
     args = ["eval", "--limit", "10", "--batch-size", "3", "--metrics", "accuracy,transfer", "--baseline", "zero"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTEER_CACHE": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", "headsteer", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    # torchrun-style launch of 2 CPU processes talking over gloo
-    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "headsteer", *args, "--out", str(tmp_path / "two")],
-                         env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _run_one_and_two_processes(args, tmp_path)
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s2["processes"] == 2 and s1["n"] == s2["n"] == 10
@@ -119,14 +123,7 @@ def test_two_process_accelerate_gives_the_same_numbers(tmp_path):
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate not installed")
 def test_two_process_attribution_gives_the_same_scores(tmp_path):
     args = ["attribute", "--n-images", "3", "--masks", "32", "--no-compare", "--baseline", "zero"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HEADSTEER_CACHE": str(tmp_path / "cache")}
-    one = subprocess.run([sys.executable, "-m", "headsteer", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "headsteer", *args, "--out", str(tmp_path / "two")],
-                         env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    _run_one_and_two_processes(args, tmp_path)
     assert (tmp_path / "two" / "per_image.rank1.jsonl").exists()
     a = json.loads((tmp_path / "one" / "heads.json").read_text())["heads"]
     b = json.loads((tmp_path / "two" / "heads.json").read_text())["heads"]

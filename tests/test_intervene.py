@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from headsteer import HeadSet, Knockout, Spec, get_adapter, intervene
+from headsteer import Knockout, Spec, get_adapter, intervene
 from headsteer.baseline import ZeroBaseline, TensorBaseline
 from tiny_models import BUILDERS, other_pixels, tiny
 

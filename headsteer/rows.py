@@ -1,0 +1,24 @@
+"""Per-item result rows in JSON lines: appended as items finish, so an interrupted run resumes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def resume_rows(path: Path, key: str = "index") -> dict:
+    """Rows already in ``path`` by ``key``. A torn last line (a run killed mid-write) is dropped
+    and the file rewritten without it, so later appends stay line-aligned."""
+    rows = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        rows[r[key]] = r
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+    os.replace(tmp, path)
+    return rows
