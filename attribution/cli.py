@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import click
 
-from headsteer.cli import device_opt, dtype_opt, friendly, model_opt
+from headsteer.cli import qtype_filter, device_opt, dtype_opt, friendly, model_opt
 
 
 @click.command()
 @model_opt
 @click.option("--data", default="easy-vqa", show_default=True, help="easy-vqa[:split] or a local VQA file/folder")
-@click.option("--qtype", default="shape", show_default=True, help="question types to use (comma-separated; 'all' for every type)")
+@click.option("--qtype", default=None, help="question types (comma-separated; 'all'); default: shape on easy-VQA, all elsewhere")
 @click.option("--n-images", default=40, show_default=True, help="examples to attribute")
 @click.option("--masks", default=256, show_default=True, help="random ablation masks per example")
 @click.option("--alpha", default=0.1, show_default=True, help="probability that a head is ablated in a mask")
@@ -35,7 +35,7 @@ def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, m
     from .run import Settings
 
     m, proc = load(model, device=device, dtype=dtype)
-    qtypes = None if qtype == "all" else tuple(qtype.split(","))
+    qtypes = qtype_filter(qtype, data)
     ds = load_data(data, limit=n_images + n_eval, qtypes=qtypes)
     s = Settings(n_images=n_images, masks=masks, alpha=alpha, baseline=baseline, statistic=statistic, method=method,
                  seed=seed, compare=not no_compare)

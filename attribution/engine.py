@@ -18,8 +18,24 @@ NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image a
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def as_baseline(model, processor, baseline) -> Baseline:
-    return baseline if isinstance(baseline, Baseline) else make_baseline(model, processor, baseline)
+def as_baseline(model, processor, baseline, dataset=None) -> Baseline:
+    """A Baseline from a name. The ``mean`` reference set is the easy-VQA train images for easy-VQA
+    data and otherwise the data set's own first 64 distinct images (so that the image size, and
+    with it the number of image tokens, matches what is ablated)."""
+    if isinstance(baseline, Baseline):
+        return baseline
+    reference = None
+    if baseline == "mean" and dataset is not None and "image_id" not in dataset.column_names:
+        seen, reference = set(), []
+        for i in range(min(len(dataset), 256)):
+            im = dataset[i]["image"]
+            key = im.tobytes()[:2048] + bytes(str(im.size), "ascii")
+            if key not in seen:
+                seen.add(key)
+                reference.append(im)
+            if len(reference) == 64:
+                break
+    return make_baseline(model, processor, baseline, reference=reference)
 
 
 def check_masks(masks, ad) -> torch.Tensor:

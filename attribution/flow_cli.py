@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, friendly, model_opt
+from headsteer.cli import device_opt, qtype_filter, friendly, model_opt
 
 
 def heads_option_value(heads, from_attribution, top_k, ad):
@@ -48,7 +48,7 @@ def plot_flow(out: Path, flow: dict):
 @click.command()
 @model_opt
 @click.option("--data", default="easy-vqa", show_default=True)
-@click.option("--qtype", default="shape", show_default=True, help="question types (comma-separated; 'all')")
+@click.option("--qtype", default=None, help="question types (comma-separated; 'all'); default: shape on easy-VQA, all elsewhere")
 @click.option("--n-images", default=20, show_default=True)
 @click.option("--window", default=1, show_default=True, help="consecutive layers knocked out together")
 @click.option("--heads", default=None, help="also knock out only in these heads, vs random heads of the same count")
@@ -68,7 +68,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, o
 
     m, proc = load(model, device=device)
     ad = get_adapter(m, proc)
-    ds = load_data(data, limit=n_images, qtypes=None if qtype == "all" else tuple(qtype.split(",")))
+    ds = load_data(data, limit=n_images, qtypes=qtype_filter(qtype, data))
     hs = heads_option_value(heads, from_attribution, top_k, ad)
     with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update)

@@ -47,7 +47,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
         held = [dataset[i] for i in range(start, min(len(dataset), start + n_eval))] or [dataset[i] for i in range(start)]
         from .engine import as_baseline
 
-        base = as_baseline(model, processor, settings.baseline)
+        base = as_baseline(model, processor, settings.baseline, dataset)
         curves = topk_curves(model, processor, held, rankings, k_max, base, settings.statistic, seed=settings.seed, progress=progress)
         comparison = compare_rankings(curves, max(1, n_heads // 10))
     if "image_id" in dataset.column_names and rows:
@@ -58,7 +58,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
             similarity = group_similarity(np.array([r["scores"] for r in rows]), shapes, colors)
     from .engine import as_baseline
 
-    base_desc = as_baseline(model, processor, settings.baseline).describe()
+    base_desc = as_baseline(model, processor, settings.baseline, dataset).describe()
     from dataclasses import asdict
 
     data = report.write_heads_json(out, asdict(settings), base_desc, agg, curves, similarity,

@@ -113,7 +113,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     rows_path = out / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
     rows = resume_rows(rows_path)
     n = min(settings.n_images, len(dataset))
-    base = as_baseline(model, processor, settings.baseline)
+    base = as_baseline(model, processor, settings.baseline, dataset)
     cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None
     todo = [i for i in range(rank, n, world) if i not in rows]
     with open(rows_path, "a") as f:

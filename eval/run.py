@@ -66,7 +66,7 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     if "transfer" in metrics:
         from headsteer.attribution.engine import as_baseline
 
-        base = as_baseline(model, processor, baseline)
+        base = as_baseline(model, processor, baseline, dataset)
     f = open(path, "a") if path is not None else None
     try:
         with _edit_context(model, processor, edit):

@@ -21,6 +21,13 @@ def friendly(fn):
     return wrapper
 
 
+def qtype_filter(qtype, data):
+    """Question types to keep: the object-identification (shape) questions of easy-VQA by default."""
+    if qtype is None:
+        qtype = "shape" if (data or "easy-vqa").startswith("easy-vqa") else "all"
+    return None if qtype == "all" else tuple(qtype.split(","))
+
+
 model_opt = click.option("--model", default="default", show_default=True, help="'default' (embedded easy-VQA LLaVA) or a local checkpoint directory")
 device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]), help="weights dtype")
