@@ -49,7 +49,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
 
         base = as_baseline(model, processor, settings.baseline, dataset)
         curves = topk_curves(model, processor, held, rankings, k_max, base, settings.statistic, seed=settings.seed, progress=progress)
-        comparison = compare_rankings(curves, max(1, n_heads // 10))
+        comparison = compare_rankings(curves, min(k_max, max(1, n_heads // 10)))
     if "image_id" in dataset.column_names and rows:
         shapes, colors = easy_vqa_labels([r["image_id"] for r in rows])
         if all(s is not None for s in shapes) and all(c is not None for c in colors):

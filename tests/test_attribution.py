@@ -112,3 +112,24 @@ def test_cli_attribute_writes_every_output(tmp_path):
     scores = headsteer.attribution.report.load_scores(out)
     assert scores["per_image"].shape == (3, 4, 8)
     assert not list(out.glob("*.tmp"))
+
+
+def test_cli_attribute_on_a_local_data_file(tmp_path):
+    """A user's own VQA file: the mean baseline comes from its own images."""
+    from PIL import Image
+
+    rows = []
+    for i, (shape_box, colour) in enumerate([((10, 10, 40, 40), (200, 0, 0)), ((20, 5, 60, 30), (0, 0, 200)),
+                                              ((5, 30, 30, 60), (0, 150, 0)), ((30, 30, 50, 50), (200, 200, 0))]):
+        im = Image.new("RGB", (64, 64), (240, 235, 230))
+        im.paste(colour, shape_box)
+        im.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "what color is the shape?", "answer": ["red", "blue", "green", "yellow"][i]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "att"
+    r = CliRunner().invoke(main, ["attribute", "--data", str(tmp_path / "data.jsonl"), "--n-images", "2", "--n-eval", "2",
+                                  "--masks", "32", "--k-max", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "heads.json").read_text())
+    assert data["baseline"]["kind"] == "mean" and data["baseline"]["reference"].startswith("user(4)")
+    assert data["n_images"] == 2
