@@ -2,6 +2,8 @@
 forward per mask) and the fast path (shared prefix, batch of masks over the text suffix)."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -29,7 +31,7 @@ def as_baseline(model, processor, baseline, dataset=None) -> Baseline:
         seen, reference = set(), []
         for i in range(min(len(dataset), 256)):
             im = dataset[i]["image"]
-            key = im.tobytes()[:2048] + bytes(str(im.size), "ascii")
+            key = hashlib.sha1(im.tobytes()).hexdigest()
             if key not in seen:
                 seen.add(key)
                 reference.append(im)
