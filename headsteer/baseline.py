@@ -174,7 +174,7 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
         ref_name = f"user({len(reference)})"
         h = hashlib.sha1()
         for im in reference:
-            h.update(im.tobytes()[:4096])
+            h.update(im.tobytes())
         ref_name += ":" + h.hexdigest()[:10]
     key = hashlib.sha1(f"{_model_hash(model)}|{ref_name}|{question}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("HEADSTEER_CACHE", Path.home() / ".cache" / "headsteer"))
