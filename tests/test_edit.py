@@ -127,3 +127,21 @@ def test_cli_edit_ask_export(tmp_path):
     assert r.exit_code == 0 and "plain transformers" in r.output, r.output
     r = CliRunner().invoke(main, ["edit", "attn", "--heads", "L7H0", "--alpha", "1", "--out", str(tmp_path / "a.json")])
     assert r.exit_code != 0 and "out of range" in r.output
+
+
+def test_lora_peft_adapter_directory_reproduces_the_edit(model_proc, batch, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = model_proc
+    heads = HeadSet.parse("L2H1,L3H0-1")
+    t, p = train_head_lora(model, proc, heads, load_easy_vqa("train", limit=64), steps=3, targets=("q", "o"),
+                           adapter_dir=tmp_path / "adapter")
+    m = EditManifest("lora", str(heads), p).with_tensors(t)
+    with apply_edit(model, m):
+        edited = logits(model, batch)
+    base = AutoModelForImageTextToText.from_pretrained(headsteer.default_model_path()).eval()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(peft_model, batch), edited, atol=1e-5, rtol=0)
+    export(model, proc, m, tmp_path / "ck")
+    assert (tmp_path / "ck" / "lora_adapter" / "adapter_config.json").exists()
