@@ -37,6 +37,16 @@ def process_shard():
     return 0, 1
 
 
+def finish_processes():
+    """Wait for every process, then close the process group: a rank that exits while another is
+    still writing outputs tears gloo down under it (SIGABRT, "terminate called ...")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_rows(rows: list[dict]) -> list[dict]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate.utils import gather_object

@@ -44,6 +44,9 @@ def main():
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from headsteer.eval.run import finish_processes
+
+    click.get_current_context().call_on_close(finish_processes)
 
 
 @main.command()
