@@ -41,6 +41,14 @@ def heads_options(f):
     return model_opt(f)
 
 
+def _model_and_heads(model, heads, from_attribution, top_k, seed):
+    from headsteer import get_adapter, load
+
+    m, proc = load(model)
+    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
+    return m, proc, hs, attrib
+
+
 def _write(model, proc, kind, heads, attrib, params, out, tensors=None):
     from .manifest import EditManifest, provenance
 
@@ -64,10 +72,7 @@ def edit():
 @friendly
 def scale(model, heads, from_attribution, top_k, seed, out, factor):
     """Scale the heads' outputs (baked into o_proj columns on export)."""
-    from headsteer import get_adapter, load
-
-    m, proc = load(model)
-    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
     _write(m, proc, "scale", hs, attrib, {"factor": factor}, out)
 
 
@@ -77,12 +82,9 @@ def scale(model, heads, from_attribution, top_k, seed, out, factor):
 @friendly
 def attn(model, heads, from_attribution, top_k, seed, out, alpha):
     """Scale the heads' attention to image tokens (at inference, also during generation)."""
-    from headsteer import get_adapter, load
-
-    m, proc = load(model)
-    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
     if alpha < -1:
         raise HeadsteerError("alpha must be >= -1 (alpha = -1 removes the attention to the image)")
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
     _write(m, proc, "attn", hs, attrib, {"alpha": alpha}, out)
 
 
@@ -97,13 +99,11 @@ def attn(model, heads, from_attribution, top_k, seed, out, alpha):
 @friendly
 def steer(model, heads, from_attribution, top_k, seed, out, data, contrast, n, method, strength):
     """Add a data-derived vector to the heads' outputs."""
-    from headsteer import get_adapter, load
     from headsteer.data import load_data
 
     from .steer import class_sets, real_vs_blank_sets, steering_vectors
 
-    m, proc = load(model)
-    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
     ds = load_data(data, limit=None if contrast.startswith("classes:") else n * 2)
     if contrast == "real-vs-blank":
         a, b = real_vs_blank_sets(m, proc, ds, n)
@@ -132,14 +132,12 @@ def lora(model, heads, from_attribution, top_k, seed, out, data, task, steps, ta
     """Train a LoRA adapter restricted to the heads' q/k/v rows and o_proj columns."""
     from tqdm import tqdm
 
-    from headsteer import get_adapter, load
     from headsteer.data import load_data
 
     from .lora import train_head_lora
     from .tasks import shifted
 
-    m, proc = load(model)
-    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
     ds = shifted(load_data(data, limit=limit), task)
     adapter_dir = Path(out).with_suffix("").as_posix() + "_adapter"
     with tqdm(total=steps, desc="lora", unit="step") as bar:
