@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from headsteer.cli import device_opt, dtype_opt, friendly, model_opt
+from headsteer.errors import HeadsteerError
 
 
 def data_options(f):
@@ -91,12 +92,13 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
 
 @click.command()
 @data_options
-@click.option("--edits", "edit_paths", multiple=True, required=True, help="edit manifests (repeat, or space-separated)")
+@click.option("--edits", "edit_paths", multiple=True, help="edit manifests: --edits a.json b.json c.json")
+@click.argument("more_edits", nargs=-1)
 @click.option("--metrics", default="accuracy,transfer", show_default=True)
 @click.option("--out", default="runs/compare", show_default=True)
 @friendly
 def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
-            edit_paths, metrics, out):
+            edit_paths, more_edits, metrics, out):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
     from tqdm import tqdm
 
@@ -105,8 +107,11 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     from .compare import compare as run_compare
     from .compare import markdown
 
+    # click gives an option one value: the manifests after the first arrive as arguments
+    paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
+    if not paths:
+        raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
-    paths = [p for e in edit_paths for p in e.split()]
     edits = {Path(p).stem: EditManifest.load(p) for p in paths}
     n = min(limit, len(ds))
     with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:

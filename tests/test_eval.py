@@ -101,6 +101,19 @@ def test_compare_agrees_with_eval_of_each_edit(default_model, tmp_path):
     assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
 
 
+def test_cli_compare_takes_several_edits_after_one_flag(tmp_path):
+    for name, e in {"a": EditManifest("scale", "L0H0", {"factor": 0.0}), "b": EditManifest("attn", "L1H1", {"alpha": 1.0}),
+                    "c": EditManifest("scale", "L2H2", {"factor": 2.0})}.items():
+        e.save(tmp_path / f"{name}.json")
+    r = CliRunner().invoke(main, ["compare", "--edits", *(str(tmp_path / f"{n}.json") for n in "abc"), "--limit", "3",
+                                  "--metrics", "accuracy", "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and [row.split(",")[0] for row in rows[1:]] == ["unedited", "a", "b", "c"]
+    r = CliRunner().invoke(main, ["compare", "--limit", "3", "--out", str(tmp_path / "none")])
+    assert r.exit_code != 0 and "no edits to compare" in r.output
+
+
 def test_cli_eval_pope(tmp_path):
     path = _pope_fixture(tmp_path)
     r = CliRunner().invoke(main, ["eval", "--data", f"pope:{path}", "--metrics", "accuracy", "--out", str(tmp_path / "ev")])

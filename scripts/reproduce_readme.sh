@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every figure in the README, on the embedded default model, in one go (about 30 minutes on
+# 2 CPU cores). Each step's wall time is appended to $OUT/timings.txt.
+#
+#     bash scripts/reproduce_readme.sh [OUT]      # default OUT=runs/readme
+set -euo pipefail
+OUT=${1:-runs/readme}
+mkdir -p "$OUT/edits"
+: > "$OUT/timings.txt"
+step() {
+  local s=$SECONDS
+  "$@"
+  echo "$((SECONDS - s)) s  $*" | tee -a "$OUT/timings.txt"
+}
+A="$OUT/attribute"
+step headsteer eval --qtype all --limit 10000 --metrics accuracy --batch-size 128 --out "$OUT/eval_full_test"
+step headsteer attribute --out "$A"
+step headsteer flow --from-attribution "$A" --top-k 4 --out "$OUT/flow"
+step python scripts/bench_attribution.py
+step python scripts/edit_experiments.py --out "$OUT/experiments"
+step headsteer edit scale --from-attribution "$A" --top-k 4 --factor 0 --out "$OUT/edits/top4_scale0.json"
+step headsteer edit attn --from-attribution "$A" --top-k 4 --alpha 1 --out "$OUT/edits/top4_attn1.json"
+step headsteer edit scale --heads random:4 --seed 1 --factor 0 --out "$OUT/edits/random4_scale0.json"
+step headsteer edit steer --from-attribution "$A" --top-k 4 --strength 1 --out "$OUT/edits/top4_steer.json"
+step headsteer compare --edits "$OUT/edits/top4_scale0.json" "$OUT/edits/top4_attn1.json" \
+  "$OUT/edits/random4_scale0.json" "$OUT/edits/top4_steer.json" --attribution "$A" --out "$OUT/compare"
+# the same numbers from eval of one edit alone (compare's consistency check)
+step headsteer eval --edit "$OUT/edits/top4_attn1.json" --attribution "$A" --out "$OUT/eval_top4_attn1"
