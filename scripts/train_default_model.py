@@ -103,9 +103,10 @@ def evaluate(model, q, a, img_idx, pix, prompt_ids, tok, limit=None, bs=256):
     n = len(q) if limit is None else min(limit, len(q))
     stats = {}
     for i in range(0, n, bs):
-        qs, ans = q[i : i + bs], a[i : i + bs]
+        j = min(i + bs, n)  # the last batch stops at the limit
+        qs, ans = q[i:j], a[i:j]
         ids, att = batch_inputs(qs, prompt_ids, tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=att, pixel_values=pix[img_idx[i : i + bs]], logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=att, pixel_values=pix[img_idx[i:j]], logits_to_keep=1)
         pred = out.logits[:, -1].argmax(-1).tolist()
         for pp, aa in zip(pred, ans):
             t = easy_vqa_qtype(aa)
