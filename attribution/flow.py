@@ -1,6 +1,6 @@
 """Token-level information flow by attention knockout (Geva et al. 2023): block the attention
 edges from a source token group to a target group in a window of layers (or in a HeadSet) and
-measure the relative change of the answer probability, window by window over the depth."""
+measure the relative change of the answer probability (or logit), window by window over the depth."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,6 +22,9 @@ EDGES = {
     "object->last": ("object", "last"),
     "background->last": ("background", "last"),
 }
+
+
+MEASURES = {"prob": lambda z: z.float().softmax(-1), "logit": lambda z: z.float()}
 
 
 def patch_mask(pixel_mask, n_tokens: int, threshold: float = 0.0) -> torch.Tensor:
@@ -58,15 +61,20 @@ def _head_masks_for_windows(ad, wins, heads: HeadSet | None) -> torch.Tensor:
 
 @torch.no_grad()
 def knockout_effects(model, processor, image, question, answer, edges=EDGES, window: int = 1, head_masks=None,
-                     object_mask=None, batch_size: int = 64) -> dict:
+                     object_mask=None, batch_size: int = 64, measure: str = "prob") -> dict:
     """Relative change of the answer probability, (p_knocked / p_clean) - 1, per edge and per
-    layer window (or per given head mask [C, L, H] when ``head_masks`` is set)."""
+    layer window (or per given head mask [C, L, H] when ``head_masks`` is set).
+
+    ``measure="logit"``: the same for the answer logit. A model that answers with p ~ 1 (the
+    default model does) shows no probability change until the answer flips; its logit still moves."""
+    if measure not in MEASURES:
+        raise HeadsteerError(f"unknown measure {measure!r}: use {' or '.join(MEASURES)}")
     ad = get_adapter(model, processor)
     inputs = ad.encode([image], [question])
     aid = ad.answer_token_id(answer, question)
     n_img = int(ad.image_mask(inputs["input_ids"]).sum())
     obj = patch_mask(object_mask, n_img)[None] if object_mask is not None else None
-    clean = model(**inputs).logits[0, -1].float().softmax(-1)[aid].item()
+    clean = MEASURES[measure](model(**inputs).logits[:, -1])[0, aid].item()
     if head_masks is None:
         wins = windows(ad.num_layers, window)
         head_masks = _head_masks_for_windows(ad, wins, None)
@@ -84,10 +92,10 @@ def knockout_effects(model, processor, image, question, answer, edges=EDGES, win
             hm = torch.stack([head_masks[c] if ce == e else torch.zeros_like(head_masks[0]) for ce, c in chunk])
             kos.append(Knockout(src, dst, heads=hm))
         with intervene(model, knockouts=kos, object_patches=obj.expand(B, -1) if obj is not None else None):
-            p = model(**batch).logits[:, -1].float().softmax(-1)[:, aid]
+            p = MEASURES[measure](model(**batch).logits[:, -1])[:, aid]
         for (e, c), pp in zip(chunk, p.tolist()):
-            results.setdefault(e, [0.0] * C)[c] = pp / clean - 1.0
-    return {"clean_prob": clean, "effects": results}
+            results.setdefault(e, [0.0] * C)[c] = (pp - clean) / abs(clean)
+    return {"clean": clean, "measure": measure, "effects": results}
 
 
 def _repeat_inputs(inputs, B):
@@ -104,7 +112,8 @@ def _repeat_inputs(inputs, B):
     return out
 
 
-def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSet | None = None, n_random=3, seed=0, progress=None) -> dict:
+def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSet | None = None, n_random=3, seed=0, progress=None,
+                 measure: str = "prob") -> dict:
     """Mean relative change per edge and layer window over ``dataset`` rows; when ``heads`` is
     given, also the knockout restricted to those heads (all layers) vs random head sets of the
     same size."""
@@ -116,7 +125,8 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
     for i in range(min(n_images, len(dataset))):
         ex = dataset[i]
         om = ex.get("object_mask")
-        r = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], window=window, object_mask=om)
+        r = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], window=window, object_mask=om,
+                             measure=measure)
         per.append(r["effects"])
         if heads is not None:
             n = len(heads)
@@ -126,12 +136,13 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
                 m = torch.zeros(ad.num_layers * ad.num_heads, dtype=torch.bool)
                 m[idx] = True
                 sets.append(m.view(ad.num_layers, ad.num_heads))
-            rr = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], head_masks=torch.stack(sets), object_mask=om)
+            rr = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], head_masks=torch.stack(sets), object_mask=om,
+                                  measure=measure)
             restricted.append(rr["effects"])
         if progress is not None:
             progress(1)
     edges = list(per[0])
-    out = {"windows": [[w[0], w[-1]] for w in wins], "n_images": len(per),
+    out = {"windows": [[w[0], w[-1]] for w in wins], "n_images": len(per), "measure": measure,
            "edges": {e: np.mean([p[e] for p in per], axis=0).tolist() for e in edges},
            "stderr": {e: (np.std([p[e] for p in per], axis=0, ddof=1) / np.sqrt(len(per))).tolist() if len(per) > 1 else [0.0] * len(wins) for e in edges}}
     if heads is not None:

@@ -35,7 +35,7 @@ def plot_flow(out: Path, flow: dict):
         ax.plot(x, [100 * v for v in vals], marker="o", ms=3, label=e)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer (window centre)")
-    ax.set_ylabel("relative change of answer probability (%)")
+    ax.set_ylabel(f"relative change of answer {'probability' if flow.get('measure', 'prob') == 'prob' else 'logit'} (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -54,10 +54,12 @@ def plot_flow(out: Path, flow: dict):
 @click.option("--heads", default=None, help="also knock out only in these heads, vs random heads of the same count")
 @click.option("--from-attribution", default=None, help="an attribution run directory: use its top --top-k heads")
 @click.option("--top-k", default=4, show_default=True)
+@click.option("--measure", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
+              help="relative change of the answer probability (Geva et al.) or logit (informative when p is saturated)")
 @click.option("--out", default="runs/flow", show_default=True)
 @device_opt
 @friendly
-def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, out, device):
+def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, device):
     """Attention knockout between token groups, layer window by layer window."""
     from tqdm import tqdm
 
@@ -71,7 +73,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, o
     ds = load_data(data, limit=n_images, qtypes=qtype_filter(qtype, data))
     hs = heads_option_value(heads, from_attribution, top_k, ad)
     with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
-        result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update)
+        result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     tmp = outp / "flow.json.tmp"
@@ -79,7 +81,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, o
     os.replace(tmp, outp / "flow.json")
     plot_flow(outp, result)
     text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
-                      "Relative change of the answer probability when the edge is knocked out:", ""] + describe(result)) + "\n"
+                      f"Relative change of the answer {'probability' if measure == 'prob' else 'logit'} when the edge is knocked out:", ""] + describe(result)) + "\n"
     tmp = outp / "summary.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, outp / "summary.md")

@@ -133,3 +133,17 @@ def test_cli_attribute_on_a_local_data_file(tmp_path):
     data = json.loads((out / "heads.json").read_text())
     assert data["baseline"]["kind"] == "mean" and data["baseline"]["reference"].startswith("user(4)")
     assert data["n_images"] == 2
+
+
+def test_compare_rankings_names_the_k_where_attribution_is_lowest():
+    from headsteer.attribution.pipeline import compare_rankings
+
+    k = [0, 1, 2, 3, 4]
+    curves = {"attribution": {"k": k, "accuracy": [1, 1, .8, .9, .5], "stat": [9, 8, 7, 9, 5]},
+              "single-head": {"k": k, "accuracy": [1, 1, .9, .9, .6], "stat": [9, 8.5, 8, 8, 6]},
+              "random": {"k": k, "accuracy": [1, .9, .9, .8, .7], "stat": [9, 9, 9, 9, 9]}}
+    v = compare_rankings(curves, k_limit=2)
+    assert "at k = [2] (k <= 2" in v
+    assert "lowest in accuracy at k = [2, 4] and in the statistic at k = [1, 2, 4]" in v
+    curves["attribution"]["accuracy"][2] = .9
+    assert "does not lower accuracy more than every other ranking for any k <= 2" in compare_rankings(curves, 2)

@@ -35,13 +35,31 @@ def test_image_to_everything_knockout_makes_logits_image_independent(default_mod
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_empty_group_changes_nothing(default_model):
+@pytest.mark.parametrize("measure", ["prob", "logit"])
+def test_empty_group_changes_nothing(default_model, measure):
     model, proc = default_model
     ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
     empty = np.zeros((64, 64), dtype=bool)  # no object patch: object->last knocks out nothing
-    r = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], object_mask=empty)
+    r = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], object_mask=empty, measure=measure)
     assert all(abs(v) < 1e-5 for v in r["effects"]["object->last"])
     assert any(abs(v) > 1e-4 for v in r["effects"]["background->last"])
+
+
+def test_logit_measure_matches_a_manual_knockout(default_model):
+    model, proc = default_model
+    ad = headsteer.get_adapter(model, proc)
+    ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
+    r = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="logit")
+    inputs = ad.encode([ex["image"]], [ex["question"]])
+    aid = ad.answer_token_id(ex["answer"])
+    with torch.no_grad():
+        clean = model(**inputs).logits[0, -1, aid].item()
+        for layer in range(ad.num_layers):
+            with intervene(model, knockouts=[Knockout("image", "last", heads=f"L{layer}H*")]):
+                z = model(**inputs).logits[0, -1, aid].item()
+            assert r["effects"]["image->last"][layer] == pytest.approx((z - clean) / abs(clean), abs=1e-5)
+    with pytest.raises(headsteer.HeadsteerError, match="unknown measure"):
+        knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="loss")
 
 
 def test_knockout_is_identical_with_left_padding(default_model):
