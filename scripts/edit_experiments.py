@@ -40,6 +40,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/experiments")
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.1, help="attribution: probability that a head is ablated in a mask")
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--contrast", default="contrast:0.2")
     ap.add_argument("--random-seeds", type=int, default=3)
@@ -55,7 +56,7 @@ def main():
     t0 = time.time()
 
     ds_att = load_easy_vqa("test", limit=80, qtypes=("shape",))
-    att = attribute_dataset(model, proc, ds_att, Settings(n_images=40), out / "attribution")
+    att = attribute_dataset(model, proc, ds_att, Settings(n_images=40, alpha=args.alpha), out / "attribution")
     top = HeadSet.parse(",".join(r["head"] for r in att["heads"][: args.top_k]))
     res["attribution"] = {"faithfulness": att["faithfulness"], "top_heads": str(top), "comparison": att.get("comparison")}
     print("attribution", res["attribution"], flush=True)

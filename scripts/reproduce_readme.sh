@@ -15,9 +15,12 @@ step() {
 A="$OUT/attribute"
 step headsteer eval --qtype all --limit 10000 --metrics accuracy --batch-size 128 --out "$OUT/eval_full_test"
 step headsteer attribute --out "$A"
+step headsteer attribute --alpha 0.3 --out "$OUT/attribute_a0.3"
 step headsteer flow --from-attribution "$A" --top-k 4 --out "$OUT/flow"
+step headsteer flow --from-attribution "$A" --top-k 4 --measure logit --out "$OUT/flow_logit"
 step python scripts/bench_attribution.py
 step python scripts/edit_experiments.py --out "$OUT/experiments"
+step python scripts/edit_experiments.py --top-k 8 --alpha 0.3 --contrast contrast:0.5 --out "$OUT/experiments_k8"
 step headsteer edit scale --from-attribution "$A" --top-k 4 --factor 0 --out "$OUT/edits/top4_scale0.json"
 step headsteer edit attn --from-attribution "$A" --top-k 4 --alpha 1 --out "$OUT/edits/top4_attn1.json"
 step headsteer edit scale --heads random:4 --seed 1 --factor 0 --out "$OUT/edits/random4_scale0.json"
