@@ -56,10 +56,13 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
         comparison = compare_rankings(curves, min(k_max, max(1, n_heads // 10)))
     if "image_id" in dataset.column_names and rows:
         shapes, colors = easy_vqa_labels([r["image_id"] for r in rows])
-        if all(s is not None for s in shapes) and all(c is not None for c in colors):
+        # not every image has a colour (or shape) question: compare the images whose both labels are known
+        keep = [i for i, (s, c) in enumerate(zip(shapes, colors)) if s is not None and c is not None]
+        if len(keep) >= 4:
             import numpy as np
 
-            similarity = group_similarity(np.array([r["scores"] for r in rows]), shapes, colors)
+            similarity = group_similarity(np.array([rows[i]["scores"] for i in keep]), [shapes[i] for i in keep],
+                                          [colors[i] for i in keep])
     from .engine import as_baseline
 
     base_desc = as_baseline(model, processor, settings.baseline, dataset).describe()
