@@ -11,16 +11,11 @@ from headsteer.cli import device_opt, qtype_filter, friendly, model_opt
 
 
 def heads_option_value(heads, from_attribution, top_k, ad):
-    from headsteer.heads import HeadSet
+    if not heads and not from_attribution:
+        return None
+    from headsteer.edit.cli import resolve_heads
 
-    if heads:
-        return HeadSet.parse(heads, ad.num_layers, ad.num_heads)
-    if from_attribution:
-        from headsteer.load import read_json
-
-        data = read_json(Path(from_attribution) / "heads.json")
-        return HeadSet.parse(",".join(r["head"] for r in data["heads"][:top_k]), ad.num_layers, ad.num_heads)
-    return None
+    return resolve_heads(ad, heads, from_attribution, top_k)[0]
 
 
 def plot_flow(out: Path, flow: dict):

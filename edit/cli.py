@@ -24,11 +24,9 @@ def resolve_heads(ad, heads, from_attribution, top_k, seed=0):
             return HeadSet((int(i // ad.num_heads), int(i % ad.num_heads)) for i in idx), None
         return HeadSet.parse(heads, ad.num_layers, ad.num_heads), None
     if from_attribution:
-        from headsteer.load import read_json
+        from headsteer.heads import top_heads
 
-        data = read_json(Path(from_attribution) / "heads.json")
-        top = [r["head"] for r in data["heads"][:top_k]]
-        return HeadSet.parse(",".join(top), ad.num_layers, ad.num_heads), {"run": str(from_attribution), "top_k": top_k}
+        return top_heads(from_attribution, top_k, ad.num_layers, ad.num_heads), {"run": str(from_attribution), "top_k": top_k}
     raise HeadsteerError("say which heads: --heads L2H0-3 (or random:K), or --from-attribution DIR --top-k K")
 
 

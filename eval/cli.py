@@ -38,10 +38,9 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     if top_heads:
         hs = HeadSet.parse(top_heads, ad.num_layers, ad.num_heads)
     elif attribution:
-        from headsteer.load import read_json
+        from headsteer.heads import top_heads
 
-        top = [r["head"] for r in read_json(Path(attribution) / "heads.json")["heads"][:4]]
-        hs = HeadSet.parse(",".join(top), ad.num_layers, ad.num_heads)
+        hs = top_heads(attribution, 4, ad.num_layers, ad.num_heads)
     return m, proc, ds, hs
 
 

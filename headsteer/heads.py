@@ -187,3 +187,13 @@ class HeadSet:
 
     def __hash__(self) -> int:
         return hash((self.heads, self.all_heads))
+
+
+def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None) -> HeadSet:
+    """The ``k`` highest-ranked heads of a ``headsteer attribute`` run directory."""
+    from pathlib import Path
+
+    from .load import read_json
+
+    ranked = read_json(Path(run_dir) / "heads.json")["heads"]
+    return HeadSet.parse(",".join(r["head"] for r in ranked[:k]), num_layers, num_heads)
