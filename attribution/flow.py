@@ -125,6 +125,8 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
     for i in range(min(n_images, len(dataset))):
         ex = dataset[i]
         om = ex.get("object_mask")
+        if om is None and ex.get("object_box") is not None:
+            om = tuple(ex["object_box"])
         r = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], window=window, object_mask=om,
                              measure=measure)
         per.append(r["effects"])

@@ -33,7 +33,27 @@ device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... 
 dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]), help="weights dtype")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Adds the subpackages' commands when first asked for, not at import: a subpackage CLI module
+    imports this one, so registering at import time was circular."""
+
+    _loaded = False
+
+    def _load(self):
+        if not self._loaded:
+            type(self)._loaded = True
+            _register_optional()
+
+    def list_commands(self, ctx):
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        self._load()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="headsteer")
 def main():
     """Find the attention heads that carry image information into a VLM's answer, and edit them."""
@@ -98,5 +118,3 @@ def _register_optional():
         for cmd in getattr(mod, attr):
             main.add_command(cmd)
 
-
-_register_optional()

@@ -163,7 +163,9 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     """A user's VQA data from a JSONL/JSON/CSV/parquet file, or a folder holding one with the images.
 
     Needs columns ``image`` (path relative to the file, or image bytes), ``question`` and
-    ``answer`` or ``answers`` (a list, or ``|``-separated in CSV); optional ``qtype``.
+    ``answer`` or ``answers`` (a list, or ``|``-separated in CSV); optional ``qtype``, and optional
+    ``box``: the object's box ``[x0, y0, x1, y1]`` in image pixels (or ``"x0,y0,x1,y1"``), which
+    ``headsteer flow`` uses to split the image tokens into object and background patches.
     """
     import datasets
 
@@ -183,6 +185,9 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     if limit is not None:
         rows = rows[:limit]
     out = {"image": [], "question": [], "answer": [], "answers": [], "qtype": []}
+    has_box = "box" in cols
+    if has_box:
+        out["object_box"] = []
     for r in rows:
         answers = r[ans_col]
         if isinstance(answers, str):
@@ -193,7 +198,22 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
         out["answers"].append(answers)
         out["answer"].append(max(set(answers), key=answers.count))
         out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
-    return datasets.Dataset.from_dict(out, features=vqa_features())
+        if has_box:
+            out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
+    extra = {"object_box": datasets.Sequence(datasets.Value("float32"))} if has_box else {}
+    return datasets.Dataset.from_dict(out, features=vqa_features(**extra))
+
+
+def _box(value, size, table) -> list[float]:
+    """[x0, y0, x1, y1, W, H]: the box with the image size it is measured in."""
+    try:
+        b = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        b = []
+    W, H = size
+    if len(b) != 4 or not (0 <= b[0] < b[2] <= W and 0 <= b[1] < b[3] <= H):
+        raise HeadsteerError(f"{table}: box {value!r} is not x0,y0,x1,y1 inside a {W}x{H} image")
+    return b + [float(W), float(H)]
 
 
 def load_data(spec: str | None, split: str = "test", limit: int | None = None, qtypes=None):

@@ -58,3 +58,21 @@ def test_local_errors_are_one_line(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"image": "bad.png", "question": "q", "answer": "a"}))
     with pytest.raises(HeadsteerError, match="cannot read image"):
         load_local_vqa(tmp_path / "c.jsonl")
+
+
+def test_local_boxes_become_object_patches(tmp_path, default_model):
+    from headsteer.attribution.flow import flow_dataset
+
+    im = Image.new("RGB", (128, 128), (255, 255, 255))
+    im.paste((200, 0, 0), (0, 0, 64, 64))
+    im.save(tmp_path / "0.png")
+    rows = [{"image": "0.png", "question": "what shape is in the image?", "answer": "rectangle", "box": [0, 0, 64, 64]}]
+    (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]))
+    ds = load_local_vqa(tmp_path / "d.jsonl")
+    assert ds[0]["object_box"] == [0, 0, 64, 64, 128, 128]
+    model, proc = default_model
+    flow = flow_dataset(model, proc, ds, n_images=1, measure="logit")
+    assert {"object->last", "background->last"} <= set(flow["edges"])
+    (tmp_path / "e.jsonl").write_text(json.dumps({**rows[0], "box": "0,0,300,10"}))
+    with pytest.raises(HeadsteerError, match="box .* inside a 128x128 image"):
+        load_local_vqa(tmp_path / "e.jsonl")
