@@ -18,6 +18,8 @@ step headsteer attribute --out "$A"
 step headsteer attribute --alpha 0.3 --out "$OUT/attribute_a0.3"
 step headsteer flow --from-attribution "$A" --top-k 4 --out "$OUT/flow"
 step headsteer flow --from-attribution "$A" --top-k 4 --measure logit --out "$OUT/flow_logit"
+step headsteer flow --window 2 --measure logit --out "$OUT/flow_logit_w2"
+step headsteer flow --window 4 --measure logit --out "$OUT/flow_logit_w4"
 step python scripts/bench_attribution.py
 step python scripts/edit_experiments.py --out "$OUT/experiments"
 step python scripts/edit_experiments.py --top-k 8 --alpha 0.3 --contrast contrast:0.5 --out "$OUT/experiments_k8"
