@@ -119,7 +119,7 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
     same size."""
     ad = get_adapter(model, processor)
     wins = windows(ad.num_layers, window)
-    per = []
+    per, clean = [], []
     restricted = []
     rng = np.random.default_rng(seed)
     for i in range(min(n_images, len(dataset))):
@@ -130,6 +130,7 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
         r = knockout_effects(model, processor, ex["image"], ex["question"], ex["answer"], window=window, object_mask=om,
                              measure=measure)
         per.append(r["effects"])
+        clean.append(r["clean"])
         if heads is not None:
             n = len(heads)
             sets = [heads.to_mask(ad.num_layers, ad.num_heads)]
@@ -144,7 +145,7 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
         if progress is not None:
             progress(1)
     edges = list(per[0])
-    out = {"windows": [[w[0], w[-1]] for w in wins], "n_images": len(per), "measure": measure,
+    out = {"windows": [[w[0], w[-1]] for w in wins], "n_images": len(per), "measure": measure, "clean_mean": float(np.mean(clean)),
            "edges": {e: np.mean([p[e] for p in per], axis=0).tolist() for e in edges},
            "stderr": {e: (np.std([p[e] for p in per], axis=0, ddof=1) / np.sqrt(len(per))).tolist() if len(per) > 1 else [0.0] * len(wins) for e in edges}}
     if heads is not None:
@@ -157,6 +158,9 @@ def flow_dataset(model, processor, dataset, n_images=20, window=1, heads: HeadSe
 def describe(flow: dict) -> list[str]:
     """Plain statements of where each edge matters, from the measured numbers."""
     lines = []
+    if flow.get("measure") == "prob" and flow.get("clean_mean", 0) > 0.99:
+        lines.append(f"- the answer probability is saturated (mean {flow['clean_mean']:.4f}): a knockout barely moves it "
+                     "unless the answer flips; `--measure logit` shows graded effects")
     wins = flow["windows"]
     for e, vals in flow["edges"].items():
         j = int(np.argmin(vals))
