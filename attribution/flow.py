@@ -94,7 +94,7 @@ def knockout_effects(model, processor, image, question, answer, edges=EDGES, win
         with intervene(model, knockouts=kos, object_patches=obj.expand(B, -1) if obj is not None else None):
             p = MEASURES[measure](model(**batch).logits[:, -1])[:, aid]
         for (e, c), pp in zip(chunk, p.tolist()):
-            results.setdefault(e, [0.0] * C)[c] = (pp - clean) / abs(clean)
+            results.setdefault(e, [0.0] * C)[c] = (pp - clean) / max(abs(clean), 1e-12)
     return {"clean": clean, "measure": measure, "effects": results}
 
 

@@ -38,9 +38,9 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     if top_heads:
         hs = HeadSet.parse(top_heads, ad.num_layers, ad.num_heads)
     elif attribution:
-        from headsteer.heads import top_heads
+        from headsteer.heads import top_heads as attributed  # the parameter top_heads is the --top-heads text
 
-        hs = top_heads(attribution, 4, ad.num_layers, ad.num_heads)
+        hs = attributed(attribution, 4, ad.num_layers, ad.num_heads)
     return m, proc, ds, hs
 
 
