@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure in the README, on the embedded default model, in one go (about 30 minutes on
+# Every figure in the README, on the embedded default model, in one go (about 7 minutes on
 # 2 CPU cores). Each step's wall time is appended to $OUT/timings.txt.
 #
 #     bash scripts/reproduce_readme.sh [OUT]      # default OUT=runs/readme
