@@ -25,6 +25,7 @@ EDGES = {
 
 
 MEASURES = {"prob": lambda z: z.float().softmax(-1), "logit": lambda z: z.float()}
+MEASURE_WORDS = {"prob": "probability", "logit": "logit"}
 
 
 def patch_mask(pixel_mask, n_tokens: int, threshold: float = 0.0) -> torch.Tensor:

@@ -21,6 +21,8 @@ def heads_option_value(heads, from_attribution, top_k, ad):
 def plot_flow(out: Path, flow: dict):
     import matplotlib
 
+    from .flow import MEASURE_WORDS
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -30,7 +32,7 @@ def plot_flow(out: Path, flow: dict):
         ax.plot(x, [100 * v for v in vals], marker="o", ms=3, label=e)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer (window centre)")
-    ax.set_ylabel(f"relative change of answer {'probability' if flow.get('measure', 'prob') == 'prob' else 'logit'} (%)")
+    ax.set_ylabel(f"relative change of answer {MEASURE_WORDS[flow.get('measure', 'prob')]} (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -61,7 +63,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
     from headsteer import get_adapter, load
     from headsteer.data import load_data
 
-    from .flow import describe, flow_dataset
+    from .flow import MEASURE_WORDS, describe, flow_dataset
 
     m, proc = load(model, device=device)
     ad = get_adapter(m, proc)
@@ -76,7 +78,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
     os.replace(tmp, outp / "flow.json")
     plot_flow(outp, result)
     text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
-                      f"Relative change of the answer {'probability' if measure == 'prob' else 'logit'} when the edge is knocked out:", ""] + describe(result)) + "\n"
+                      f"Relative change of the answer {MEASURE_WORDS[measure]} when the edge is knocked out:", ""] + describe(result)) + "\n"
     tmp = outp / "summary.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, outp / "summary.md")

@@ -41,7 +41,7 @@ class _Group(click.Group):
 
     def _load(self):
         if not self._loaded:
-            type(self)._loaded = True
+            self._loaded = True
             _register_optional()
 
     def list_commands(self, ctx):
