@@ -1,17 +1,16 @@
 """Logits of one (image, question) under many head-ablation masks: a naive reference path (a full
-forward per mask) and the fast path (shared prefix, batch of masks over the text suffix)."""
+forward per mask) and the fast path (shared prefix, batch of masks over the text suffix). Both
+return CPU float32 tensors: this is where results cross from the model's device to the host."""
 from __future__ import annotations
-
-import hashlib
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from headsteer.adapters import get_adapter
-from headsteer.baseline import Baseline, make_baseline
+from headsteer.baseline import as_baseline
 from headsteer.errors import HeadsteerError
-from headsteer.fastpath import Prefix, PrefixCache
-from headsteer.intervene import intervene
+from headsteer.fastpath import Prefix, PrefixCache, tf32_for
+from headsteer.intervene import Spec, intervene
 
 # Prefix-LM families: image positions attend to the prompt text after them, so the prefix is not
 # invariant under ablation and the shared-prefix path would not be exact.
@@ -19,29 +18,15 @@ NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image a
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
-
-def as_baseline(model, processor, baseline, dataset=None) -> Baseline:
-    """A Baseline from a name. The ``mean`` reference set is the easy-VQA train images for easy-VQA
-    data and otherwise the data set's own first 64 distinct images (so that the image size, and
-    with it the number of image tokens, matches what is ablated)."""
-    if isinstance(baseline, Baseline):
-        return baseline
-    reference = None
-    if baseline == "mean" and dataset is not None and "image_id" not in dataset.column_names:
-        seen, reference = set(), []
-        for i in range(min(len(dataset), 256)):
-            im = dataset[i]["image"]
-            key = hashlib.sha1(im.tobytes()).hexdigest()
-            if key not in seen:
-                seen.add(key)
-                reference.append(im)
-            if len(reference) == 64:
-                break
-    return make_baseline(model, processor, baseline, reference=reference)
+__all__ = ["NO_FAST_PATH", "SuffixRunner", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
 
 
 def check_masks(masks, ad) -> torch.Tensor:
-    masks = torch.as_tensor(masks).bool()
+    """bool [M, L, H] on the host (True = ablated)."""
+    masks = torch.as_tensor(masks)
+    if masks.is_floating_point():
+        raise HeadsteerError("masks must be bool (True = ablated); got floats — threshold them, e.g. masks > 0.5")
+    masks = masks.bool().cpu()
     if masks.ndim == 2:
         masks = masks[None]
     if masks.ndim != 3 or tuple(masks.shape[1:]) != (ad.num_layers, ad.num_heads):
@@ -49,15 +34,36 @@ def check_masks(masks, ad) -> torch.Tensor:
     return masks
 
 
-class SuffixRunner:
-    """One prompt, prepared once; ``__call__(masks)`` gives last-position logits [M, vocab]."""
+def _model_device_dtype(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
 
-    def __init__(self, model, processor, image, question, baseline, inputs=None, chunk=256):
+
+def auto_chunk(model, prefix_len: int, suffix_len: int, ad) -> int:
+    """Masks per batch: 256 on the CPU; on a GPU as many as about half the free memory holds
+    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations)."""
+    device, dtype = _model_device_dtype(model)
+    if device.type != "cuda":
+        return 256
+    free, _ = torch.cuda.mem_get_info(device)
+    tc = model.config.get_text_config()
+    width = getattr(tc, "hidden_size", ad.num_heads * ad.head_dim)
+    inter = getattr(tc, "intermediate_size", 4 * width) or 4 * width
+    per_mask = (2 * 4 * ad.num_heads * suffix_len * (prefix_len + suffix_len)  # scores, fp32
+                + suffix_len * (8 * width + 3 * inter) * dtype.itemsize  # activations
+                + 4 * getattr(tc, "vocab_size", 32000))  # last-position logits, fp32
+    return int(max(8, min(4096, (free // 2) // per_mask // 8 * 8)))
+
+
+class SuffixRunner:
+    """One prompt, prepared once; ``__call__(masks)`` gives last-position logits [M, vocab] (CPU,
+    float32). ``chunk``: masks per batch (None: from free GPU memory)."""
+
+    def __init__(self, model, processor, image, question, baseline, inputs=None, chunk=None):
         self.model, self.ad = model, get_adapter(model, processor)
         if self.ad.model_type in NO_FAST_PATH:
             raise HeadsteerError(f"no fast path for {self.ad.model_type}: {NO_FAST_PATH[self.ad.model_type]}; use fast=False")
         self.baseline = baseline
-        self.chunk = chunk
         self.inputs = inputs if inputs is not None else self.ad.encode([image], [question])
         ids = self.inputs["input_ids"]
         if ids.shape[0] != 1:
@@ -69,43 +75,47 @@ class SuffixRunner:
         if self.P >= ids.shape[1]:
             raise HeadsteerError("the prompt ends with the image: there is no text after it to ablate")
         pre = {k: (v[:, : self.P] if k in _SEQ_KEYS and torch.is_tensor(v) else v) for k, v in self.inputs.items()}
-        with torch.no_grad():
-            # A plain DynamicCache keeps every prefix position, also for sliding-window layers.
+        self.device, self.dtype = _model_device_dtype(model)
+        # A plain DynamicCache keeps every prefix position, also for sliding-window layers; the
+        # prefix runs under the same attention arithmetic as every ablated forward.
+        with torch.no_grad(), tf32_for(self.dtype, self.device), intervene(model, fp32_attention=True):
             out = model(**pre, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        self.cache = PrefixCache(out.past_key_values)
-        self.prefix = Prefix(self.cache, img[: self.P])
+        self.prefix = Prefix(PrefixCache(out.past_key_values), img[: self.P])
         self.suffix = ids[:, self.P :]
+        self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
 
     @torch.no_grad()
     def __call__(self, masks) -> torch.Tensor:
         masks = check_masks(masks, self.ad)
         outs = []
-        for i in range(0, len(masks), self.chunk):
-            m = masks[i : i + self.chunk]
-            with intervene(self.model, ablate=m, baseline=self.baseline):
-                self.model._headsteer_state.prefix = self.prefix
-                ids = self.suffix.expand(len(m), -1)
-                logits = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits
-            outs.append(logits[:, -1].float())
-        return torch.cat(outs)
+        with tf32_for(self.dtype, self.device):
+            for i in range(0, len(masks), self.chunk):
+                m = masks[i : i + self.chunk]
+                with intervene(self.model, Spec(ablate=m, baseline=self.baseline, prefix=self.prefix)):
+                    ids = self.suffix.expand(len(m), -1)
+                    logits = self.model(input_ids=ids, cache=self.prefix.cache, use_cache=True, logits_to_keep=1).logits
+                outs.append(logits[:, -1].float())
+        return torch.cat(outs).cpu()
 
 
 @torch.no_grad()
 def naive_logits(model, processor, inputs, masks, baseline) -> torch.Tensor:
-    """Reference: a full forward (vision tower included) per mask."""
+    """Reference: a full forward (vision tower included) per mask. CPU float32 [M, vocab]."""
     ad = get_adapter(model, processor)
     masks = check_masks(masks, ad)
+    device, dtype = _model_device_dtype(model)
     out = []
-    for m in masks:
-        with intervene(model, ablate=m[None], baseline=baseline):
-            out.append(model(**inputs, logits_to_keep=1).logits[0, -1].float())
-    return torch.stack(out)
+    with tf32_for(dtype, device):
+        for m in masks:
+            with intervene(model, ablate=m[None], baseline=baseline):
+                out.append(model(**inputs, logits_to_keep=1).logits[0, -1].float())
+    return torch.stack(out).cpu()
 
 
-def ablated_logits(model, processor, image, question, masks, baseline="mean", fast=True, chunk=256):
-    """Float tensor [M, vocab]: last-position logits of (image, question) with each mask's heads
-    ablated (``masks`` bool [M, L, H], True = ablated). ``baseline``: "mean", "blank", "zero" or a
-    ``Baseline``. ``fast=False`` runs the naive reference path."""
+def ablated_logits(model, processor, image, question, masks, baseline="mean", fast=True, chunk=None):
+    """Float tensor [M, vocab] on the host: last-position logits of (image, question) with each
+    mask's heads ablated (``masks`` bool [M, L, H], True = ablated). ``baseline``: "mean",
+    "blank", "zero" or a ``Baseline``. ``fast=False`` runs the naive reference path."""
     ad = get_adapter(model, processor)
     base = as_baseline(model, processor, baseline)
     masks = check_masks(masks, ad)

@@ -1,16 +1,23 @@
 """Fast path of the intervention layer: many head masks over one prompt's text suffix.
 
 Ablation never changes the positions up to the last image token, so their keys/values are computed
-once (batch 1) and every mask in a batch reads them by broadcasting — no copy per mask. A
-``PrefixCache`` hands the model the prefix length (so positions, rotary phases and masks come out
-as in a full forward) while each layer's ``update`` returns only the suffix keys/values; the
-attention function below joins the two.
+once (batch 1) and every mask in a batch reads them. A ``PrefixCache`` hands the model the prefix
+length (so positions, rotary phases and masks come out as in a full forward) while each layer's
+``update`` returns only the suffix keys/values; ``prefixed_attention`` joins the two.
+
+The prefix is never copied per mask: the masks are folded into the row dimension of the prefix
+matmuls ([Hkv, masks x group x suffix, d] @ [Hkv, d, P]), which also serves grouped-query attention
+without repeating K/V. The softmax over prefix and suffix keys is joined through a shared row
+maximum, so the two score blocks are never concatenated.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .attention_mask import additive_mask
 from .errors import HeadsteerError
 
 
@@ -38,15 +45,10 @@ class PrefixCache(DynamicCache):
         super().__init__()
         self.layers = [_PrefixLayer(layer.keys, layer.values) for layer in cache.layers]
 
-    def keys(self, layer):
-        return self.layers[layer].keys
-
-    def values(self, layer):
-        return self.layers[layer].values
-
 
 class Prefix:
-    """What the attention function needs about the shared prefix."""
+    """The shared prefix: per-layer K/V (fp32 copies, [Hkv, P, d], made once per prompt) and where
+    its image tokens sit."""
 
     def __init__(self, cache: PrefixCache, image_positions: torch.Tensor):
         self.cache = cache
@@ -54,51 +56,79 @@ class Prefix:
         idx = image_positions.nonzero().squeeze(-1)
         self.n_img = len(idx)
         contiguous = self.n_img > 0 and int(idx[-1] - idx[0]) + 1 == self.n_img
-        self.img = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+        self.img = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx.to(cache.layers[0].keys.device)
+        self._kv = [None] * len(cache.layers)
+
+    def kv(self, layer):
+        """fp32 prefix keys/values of one layer, [Hkv, P, d] each (the precision policy)."""
+        if self._kv[layer] is None:
+            lay = self.cache.layers[layer]
+            self._kv[layer] = (lay.keys[0].float(), lay.values[0].float())
+        return self._kv[layer]
 
 
-def _rep(x, n):
-    return x if n == 1 else x.repeat_interleave(n, dim=1)
+def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, attention_mask, scaling, kwargs):
+    """Attention of suffix queries [M, Hq, s, d] over the shared prefix and their own suffix.
 
-
-def prefixed_attention(module, state, layer, query, key, value, attention_mask, scaling, kwargs):
-    """Attention of suffix queries [M, Hq, s, d] over the shared prefix and their own suffix."""
-    from .intervene import additive_mask
-
-    for spec in state.specs:
-        if spec.knockouts or spec.image_attn is not None:
+    Rows are laid out per KV head as (mask, query head in group, suffix position)."""
+    for a in session.actives:
+        if a.knockouts or a.image_attn is not None:
             raise HeadsteerError("the fast path evaluates head ablations only; use fast=False for knockouts or attention scaling")
-    pre: Prefix = state.prefix
     M, Hq, s, d = query.shape
-    n_rep = Hq // key.shape[1]
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    R = M * G * s
     scaling = scaling if scaling is not None else d ** -0.5
     softcap = kwargs.get("softcap")
-    cdt = torch.float32 if query.dtype == torch.float32 else query.dtype
-    pk = _rep(pre.cache.keys(layer), n_rep).to(cdt)  # [1, Hq, P, d], shared by every mask
-    pv = _rep(pre.cache.values(layer), n_rep).to(cdt)
-    sk, sv = _rep(key, n_rep).to(cdt), _rep(value, n_rep).to(cdt)
-    q = query.to(cdt)
-    P = pk.shape[2]
-    scores = torch.cat([torch.matmul(q, pk.transpose(-1, -2)), torch.matmul(q, sk.transpose(-1, -2))], -1).float() * scaling
-    abl = state.ablation()
-    ab = None
-    if abl is not None:
-        am = abl._ablate_t[..., layer, :].to(query.device)  # [M|1, Hq]
-        if bool(am.any()):
-            ab = am.expand(M, Hq)[:, :, None, None]
-            kb, vb = abl.baseline.image_kv(layer, pre.n_img, cdt, query.device)
-            kb, vb = _rep(kb[None], n_rep), _rep(vb[None], n_rep)  # [1, Hq, n, d]
-            sb = torch.matmul(q, kb.transpose(-1, -2)).float() * scaling
-            scores[..., pre.img] = torch.where(ab, sb, scores[..., pre.img])
+    pk, pv = pre.kv(layer)  # [Hkv, P, d] fp32
+    P = pk.shape[1]
+    # Scaled after the matmuls: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not.
+    q = query.float().contiguous()  # [M, Hq, s, d]
+    q_rows = q.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, R, d)
+    sp = torch.bmm(q_rows, pk.transpose(1, 2)).mul_(scaling)  # [Hkv, R, P]
+    ss = torch.matmul(q.view(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)  # [M, Hkv, G*s, s]
+
+    abl = session.ablation()
+    ab = vb_delta = None
+    if abl is not None and layer in abl.ablate_layers:
+        am = abl.ablate[..., layer, :].to(query.device).expand(M, Hq)  # [M, Hq]
+        ab = am.view(M, Hkv, G).transpose(0, 1)[..., None, None].expand(Hkv, M, G, s, 1).reshape(Hkv, R, 1)
+        kb, vb = abl.baseline.image_kv(layer, pre.n_img, torch.float32, query.device)  # [Hkv, n, d]
+        sb = torch.bmm(q_rows, kb.transpose(1, 2)).mul_(scaling)  # [Hkv, R, n]
+        sp[..., pre.img] = torch.where(ab, sb, sp[..., pre.img])
+        vb_delta = vb - pv[:, pre.img]  # what an ablated row reads instead, minus what it would read
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = additive_mask(module, attention_mask, s, P + s, torch.float32, query.device)
+        sp = torch.tanh(sp / softcap) * softcap
+        ss = torch.tanh(ss / softcap) * softcap
+    mask = additive_mask(module, attention_mask, s, P + s, query.device)  # [M|1, 1, s, P+s]
     if mask is not None:
-        scores = scores + mask
-    probs = torch.softmax(scores, dim=-1).to(cdt)
-    pp = probs[..., :P]
-    out = torch.matmul(pp, pv) + torch.matmul(probs[..., P:], sv)
-    if ab is not None:
-        delta = torch.matmul(pp[..., pre.img], vb - pv[:, :, pre.img])
-        out = out + torch.where(ab, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+        sp.view(Hkv, M, G, s, P).add_(mask[..., :P])
+        ss = ss.view(M, Hkv, G, s, s).add_(mask[:, :, None, :, P:]).view(M, Hkv, G * s, s)
+    ss = ss.transpose(0, 1).reshape(Hkv, R, s)
+    top = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
+    ep = sp.sub_(top).exp_()
+    es = ss.sub_(top).exp_()
+    z = ep.sum(-1, keepdim=True) + es.sum(-1, keepdim=True)
+    out = torch.bmm(ep, pv)  # [Hkv, R, d]
+    es_m = es.view(Hkv, M, G * s, s).transpose(0, 1)  # [M, Hkv, G*s, s]
+    out += torch.matmul(es_m, value.float()).transpose(0, 1).reshape(Hkv, R, d)
+    if vb_delta is not None:
+        out += torch.bmm(ep[..., pre.img], vb_delta) * ab
+    out /= z
+    return out.view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d).to(query.dtype), None
+
+
+@contextlib.contextmanager
+def tf32_for(dtype, device):
+    """TF32 for the fp32 attention matmuls of a bf16/fp16 model on CUDA. Its inputs (bf16/fp16
+    queries and keys upcast to fp32) have at most 10 mantissa bits, which TF32 holds exactly, so
+    QK^T loses nothing against fp32 while running on tensor cores."""
+    if dtype not in (torch.bfloat16, torch.float16) or torch.device(device).type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old

@@ -3,11 +3,16 @@
 A custom attention function registered with ``transformers.AttentionInterface`` (it wraps the
 model's own backend and falls through to it whenever a layer has nothing to do) plus a forward
 pre-hook on each layer's output projection. ``with intervene(model, spec): ...`` switches the text
-model to it and restores the model exactly on exit. Ablation, knockout, image-attention scaling,
-head scaling/steering and attention recording are all fields of one ``Spec``.
+model to it and restores the model exactly on exit, also when the block (or entering it) raises.
+Ablation, knockout, image-attention scaling, head scaling/steering, attention recording and the
+fast path's shared prefix are all fields of one ``Spec``.
 
 Per batch element and per *query* head: under grouped-query attention the shared KV head is only
 replaced for the query heads that are selected.
+
+Precision policy (every path): attention arithmetic (scores, softmax, weighted sum) in fp32, the
+output cast back to the model's dtype. In bf16/fp16, once an attention-level intervention is
+active every text layer runs this arithmetic, so the naive and the fast path share it.
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .adapters import Adapter, get_adapter
+from .attention_mask import NEG, additive_mask
 from .errors import HeadsteerError
+from .fastpath import prefixed_attention
 from .heads import HeadSet
 
-NEG = -1e30  # finite, so a row whose every key is knocked out gives a uniform row instead of NaN
+_SESSION = "_headsteer_state"  # attribute of the model while a context is open
+_LAYER = "_headsteer"  # attribute of each text attention module: (session, layer index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,88 +55,181 @@ class Knockout:
 @dataclass(eq=False)
 class Spec:
     """What to do to which heads. Every field is optional; an empty Spec changes nothing.
+    ``intervene`` never modifies a Spec, so one Spec can be reused.
 
-    - ``ablate``: bool [B|1, L, H] (or HeadSet); the selected heads' queries after the image read
-      ``baseline`` keys/values at image positions.
-    - ``baseline``: a ``Baseline`` (``attribution.baselines``) giving per-layer image K/V.
+    - ``ablate``: bool [B|1, L, H] (or HeadSet/string); the selected heads' queries after the
+      image read ``baseline`` keys/values at image positions.
+    - ``baseline``: a ``headsteer.baseline.Baseline`` giving per-layer image K/V.
     - ``knockouts``: list of ``Knockout``.
     - ``image_attn``: float [L, H]; multiplies the attention probability that queries after the
       image put on image keys (then renormalised): 1 = unchanged, 0 = knockout, >1 amplify.
-    - ``head_scale``: float [B|1, L, H] multiplying each head's output (input of ``o_proj``).
+    - ``head_scale``: float [B|1, L, H] or [L, H] multiplying each head's output (input of ``o_proj``).
     - ``head_add``: float [L, H, head_dim] added to each head's output.
     - ``groups``: explicit position groups (else computed from ``input_ids``).
-    - ``record``: collect each head's attention mass on image keys (from the last token and from
-      all positions after the image) into ``Recorder``.
+    - ``prefix``: a ``headsteer.fastpath.Prefix`` — the model is fed only the text suffix and
+      reads the shared prefix K/V from it (the fast attribution engine).
+    - ``fp32_attention``: run every text layer through headsteer's fp32-arithmetic attention
+      even when nothing else is active (the precision policy; implied in bf16/fp16 by ablation,
+      knockout, attention scaling and recording).
     """
 
     ablate: object = None
     baseline: object = None
     knockouts: list = field(default_factory=list)
-    image_attn: torch.Tensor | None = None
-    head_scale: torch.Tensor | None = None
-    head_add: torch.Tensor | None = None
+    image_attn: object = None
+    head_scale: object = None
+    head_add: object = None
     groups: dict | None = None
-    record: bool = False
+    prefix: object = None
+    fp32_attention: bool = False
 
 
 class Recorder:
-    """Attention mass on image keys per (layer, head), summed over forwards (see ``Spec.record``)."""
+    """Attention mass on image keys per (layer, head), summed over forwards. Sums stay on the
+    model's device during the forward; ``mean``/``per_example`` bring them to the host."""
 
     def __init__(self, num_layers, num_heads):
-        self.last = torch.zeros(num_layers, num_heads, dtype=torch.float64)
-        self.text = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+        self.shape = (num_layers, num_heads)
+        self._last: dict[int, torch.Tensor] = {}
+        self._text: dict[int, torch.Tensor] = {}
         self.count = 0
-        self.latest: dict[int, torch.Tensor] = {}  # layer -> [B, H] text->image mass of the last forward
+        self._latest: dict[int, torch.Tensor] = {}  # layer -> [B, H] text->image mass of the last forward
 
     def per_example(self) -> torch.Tensor:
         """[B, L]: mean over heads of the after-image text's attention mass on image tokens, for
         each example of the most recent forward."""
-        return torch.stack([self.latest[l].mean(-1) for l in sorted(self.latest)], 1)
+        return torch.stack([self._latest[l].float().mean(-1) for l in sorted(self._latest)], 1).cpu()
 
     def add(self, layer, probs, img_k, after_q, last_q):
-        img = probs.float() * img_k[:, None, None, :].float()  # [B,H,q,k]
-        mass = img.sum(-1)  # [B,H,q]
-        lq = last_q[:, None, :].float()
-        aq = after_q[:, None, :].float()
+        mass = (probs * img_k[:, None, None, :]).sum(-1)  # [B, H, q]
+        lq, aq = last_q[:, None, :].float(), after_q[:, None, :].float()
         per_text = (mass * aq).sum(-1) / aq.sum(-1).clamp(min=1)  # [B, H]
-        self.last[layer] += ((mass * lq).sum(-1)).sum(0).double().cpu()
-        self.text[layer] += per_text.sum(0).double().cpu()
-        self.latest[layer] = per_text.detach().float().cpu()
+        last = (mass * lq).sum(-1).sum(0).double()
+        self._last[layer] = self._last[layer] + last if layer in self._last else last
+        text = per_text.sum(0).double()
+        self._text[layer] = self._text[layer] + text if layer in self._text else text
+        self._latest[layer] = per_text.detach()
         if layer == 0:
             self.count += probs.shape[0]
 
-    def mean(self, which="last"):
-        return (self.last if which == "last" else self.text) / max(1, self.count)
+    def mean(self, which="last") -> torch.Tensor:
+        """float64 [L, H] on the host."""
+        src = self._last if which == "last" else self._text
+        out = torch.zeros(self.shape, dtype=torch.float64)
+        for l, v in src.items():
+            out[l] = v.cpu()
+        return out / max(1, self.count)
 
 
 # ----------------------------------------------------------------------------------------------
-# Active state, keyed by attention module
+# A Spec checked and converted for one model (the user's Spec stays as given)
 # ----------------------------------------------------------------------------------------------
-class _State:
+@dataclass(frozen=True)
+class _Active:
+    ablate: torch.Tensor | None  # bool [B|1, L, H] on the host
+    ablate_layers: frozenset
+    baseline: object
+    knockouts: tuple
+    image_attn: torch.Tensor | None
+    head_scale: torch.Tensor | None
+    head_add: torch.Tensor | None
+    groups: dict | None
+    prefix: object
+    fp32: bool
+
+    @property
+    def attention_level(self) -> bool:
+        return bool(self.ablate_layers or self.knockouts or self.image_attn is not None or self.prefix is not None or self.fp32)
+
+
+def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise HeadsteerError(f"{name} contains NaN or infinite values; give finite numbers")
+    return t
+
+
+def _compile(spec: Spec, ad: Adapter) -> _Active:
+    L, H = ad.num_layers, ad.num_heads
+    ablate, layers = None, frozenset()
+    if spec.ablate is not None:
+        if spec.baseline is None:
+            raise HeadsteerError("ablation needs a baseline: Spec(baseline=...) from headsteer.baseline.make_baseline")
+        m = _heads_mask(spec.ablate, ad, "cpu")
+        ablate = m if m.ndim == 3 else m[None]
+        layers = frozenset(int(l) for l in ablate.any(dim=(0, 2)).nonzero().flatten())
+    image_attn = head_scale = head_add = None
+    if spec.image_attn is not None:
+        image_attn = _finite(torch.as_tensor(spec.image_attn, dtype=torch.float32), "image_attn")
+        if image_attn.shape != (L, H):
+            raise HeadsteerError(f"image_attn must be [{L}, {H}]; got {tuple(image_attn.shape)}")
+        if bool((image_attn < 0).any()):
+            raise HeadsteerError("image_attn factors must be >= 0 (0 = knock out, 1 = unchanged)")
+    if spec.head_scale is not None:
+        head_scale = _finite(torch.as_tensor(spec.head_scale, dtype=torch.float32), "head_scale")
+        if head_scale.shape[-2:] != (L, H) or head_scale.ndim > 3:
+            raise HeadsteerError(f"head_scale must be [{L}, {H}] or [B, {L}, {H}]; got {tuple(head_scale.shape)}")
+    if spec.head_add is not None:
+        head_add = _finite(torch.as_tensor(spec.head_add, dtype=torch.float32), "head_add")
+        if head_add.shape != (L, H, ad.head_dim):
+            raise HeadsteerError(f"head_add must be [{L}, {H}, {ad.head_dim}]; got {tuple(head_add.shape)}")
+    for ko in spec.knockouts:
+        if not isinstance(ko, Knockout):
+            raise HeadsteerError(f"knockouts must be Knockout(src, dst, heads) values; got {type(ko).__name__}")
+    return _Active(ablate, layers, spec.baseline, tuple(spec.knockouts), image_attn, head_scale, head_add, spec.groups,
+                   spec.prefix, bool(spec.fp32_attention))
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-model session: what is active while at least one context is open
+# ----------------------------------------------------------------------------------------------
+class _Session:
     def __init__(self, adapter: Adapter):
         self.ad = adapter
-        self.specs: list[Spec] = []
+        self.actives: list[_Active] = []
+        self.recorders: list[Recorder] = []
+        self.object_patches: list = []
+        self.captures: list[dict] = []
         self.groups: dict | None = None
-        self.prefix = None  # fast engine: per-layer prefix K/V (see attribution.engine)
-        self.recorder: Recorder | None = None
-        self.capture: dict | None = None  # layer -> (key, value), filled when set (baselines)
-        self.object_patches = None
+        self.oproj_handles: list = []
 
-    # combined view over the stacked specs
-    def ablation(self):
-        abl = [s for s in self.specs if s.ablate is not None]
+    @property
+    def recorder(self) -> Recorder | None:
+        return self.recorders[-1] if self.recorders else None
+
+    @property
+    def capture(self) -> dict | None:
+        return self.captures[-1] if self.captures else None
+
+    def ablation(self) -> _Active | None:
+        abl = [a for a in self.actives if a.ablate is not None]
         if len(abl) > 1:
             raise HeadsteerError("two active interventions both ablate heads; combine their masks into one Spec")
         return abl[0] if abl else None
 
-    def groups_for(self, spec: Spec):
-        g = spec.groups if spec.groups is not None else self.groups
+    def prefix(self):
+        pre = [a.prefix for a in self.actives if a.prefix is not None]
+        if len(pre) > 1:
+            raise HeadsteerError("two fast-path prefixes are active at once; run one SuffixRunner at a time")
+        return pre[0] if pre else None
+
+    def groups_for(self, active: _Active | None):
+        g = active.groups if active is not None and active.groups is not None else self.groups
         if g is None:
             raise HeadsteerError("this intervention needs token positions: call the model with input_ids or give Spec(groups=...)")
         return g
 
+    def layer_active(self, layer: int, dtype) -> bool:
+        if self.recorder is not None:
+            return True
+        for a in self.actives:
+            if a.knockouts or a.image_attn is not None or layer in a.ablate_layers:
+                return True
+        if dtype != torch.float32:  # the precision policy: one arithmetic for every layer
+            return any(a.attention_level for a in self.actives)
+        return False
 
-_ACTIVE: dict[int, tuple[_State, int]] = {}
+    def needs_oproj_hooks(self) -> bool:
+        return any(a.head_scale is not None or a.head_add is not None for a in self.actives)
 
 
 def _pad_group(g: torch.Tensor, k_len: int, fill: bool) -> torch.Tensor:
@@ -154,46 +255,40 @@ def _heads_mask(heads, ad: Adapter, device) -> torch.Tensor:
         return torch.ones(ad.num_layers, ad.num_heads, dtype=torch.bool, device=device)
     if isinstance(heads, (str, HeadSet)):
         return HeadSet.parse(heads, ad.num_layers, ad.num_heads).to_mask(ad.num_layers, ad.num_heads).to(device)
-    m = torch.as_tensor(heads).bool().to(device)
-    if m.shape[-2:] != (ad.num_layers, ad.num_heads):
+    m = torch.as_tensor(heads)
+    if m.is_floating_point():
+        raise HeadsteerError("head masks must be bool (True = selected); got a float tensor — compare it, e.g. masks > 0.5")
+    m = m.bool().to(device)
+    if m.ndim not in (2, 3) or m.shape[-2:] != (ad.num_layers, ad.num_heads):
         raise HeadsteerError(f"head mask has shape {tuple(m.shape)}; this model needs [..., {ad.num_layers}, {ad.num_heads}]")
     return m
 
 
+# ----------------------------------------------------------------------------------------------
+# The attention function
+# ----------------------------------------------------------------------------------------------
 def _base_fn(module, impl: str):
     if impl == "eager":
-        mod = sys.modules[type(module).__module__]
-        return getattr(mod, "eager_attention_forward")
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
     return sdpa_attention_forward
 
 
 def _make_attention(base: str):
     def headsteer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        entry = _ACTIVE.get(id(module))
-        if entry is not None and entry[0].capture is not None:
-            entry[0].capture[entry[1]] = (key.detach(), value.detach())
-        if entry is None or not _layer_active(*entry):
-            return _base_fn(module, base)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        state, layer = entry
-        if state.prefix is not None:
-            from .fastpath import prefixed_attention
-
-            return prefixed_attention(module, state, layer, query, key, value, attention_mask, scaling, kwargs)
-        return _attend(module, state, layer, query, key, value, attention_mask, scaling, kwargs)
+        entry = getattr(module, _LAYER, None)
+        if entry is not None:
+            session, layer = entry
+            if session.capture is not None:
+                session.capture[layer] = (key.detach(), value.detach())
+            prefix = session.prefix()
+            if prefix is not None:
+                return prefixed_attention(module, session, layer, prefix, query, key, value, attention_mask, scaling, kwargs)
+            if session.layer_active(layer, query.dtype):
+                return _attend(module, session, layer, query, key, value, attention_mask, scaling, kwargs)
+        return _base_fn(module, base)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     headsteer_attention.__name__ = f"headsteer_{base}"
     return headsteer_attention
-
-
-def _layer_active(state: _State, layer: int) -> bool:
-    if state.prefix is not None or state.recorder is not None:
-        return True
-    for s in state.specs:
-        if s.knockouts or s.image_attn is not None:
-            return True
-        if s.ablate is not None and bool(s._ablate_t[..., layer, :].any()):
-            return True
-    return False
 
 
 for _base in ("sdpa", "eager"):
@@ -201,33 +296,17 @@ for _base in ("sdpa", "eager"):
     AttentionMaskInterface.register(f"headsteer_{_base}", sdpa_mask if _base == "sdpa" else eager_mask)
 
 
-def additive_mask(module, attention_mask, q_len, k_len, dtype, device):
-    """The model's mask as an additive float [B|1, 1, q, k] (causal when the model skipped it)."""
-    if attention_mask is None:
-        if getattr(module, "is_causal", True) and q_len > 1:
-            qi = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-            ki = torch.arange(k_len, device=device)[None, :]
-            return torch.where(ki <= qi, 0.0, NEG).to(dtype)[None, None]
-        return None
-    m = attention_mask[:, :, :, :k_len]
-    if m.dtype == torch.bool:
-        return torch.where(m, 0.0, NEG).to(dtype)
-    return m.to(dtype).clamp(min=NEG)
-
-
 def _repeat(x, n):
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
-def _scores(module, q, k, scaling, mask, softcap):
+def _scores(q, k, scaling, softcap):
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    return s if mask is None else s + mask
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
 
 
-def _attend(module, state: _State, layer, query, key, value, attention_mask, scaling, kwargs):
-    ad = state.ad
+def _attend(module, session: _Session, layer, query, key, value, attention_mask, scaling, kwargs):
+    ad = session.ad
     B, Hq, q_len, d = query.shape
     k_len = key.shape[2]
     dev = query.device
@@ -235,110 +314,81 @@ def _attend(module, state: _State, layer, query, key, value, attention_mask, sca
     n_rep = Hq // key.shape[1]
     softcap = kwargs.get("softcap")
     k_e, v_e = _repeat(key, n_rep), _repeat(value, n_rep)
-    mask = additive_mask(module, attention_mask, q_len, k_len, torch.float32, dev)
-    bias = torch.zeros(B, Hq, q_len, k_len, device=dev) if mask is None else mask.expand(B, Hq, q_len, k_len).clone()
+    mask = additive_mask(module, attention_mask, q_len, k_len, dev)
+    bias = torch.zeros(1, 1, q_len, k_len, device=dev) if mask is None else mask
     groups = None
-    for spec in state.specs:
-        needs_groups = spec.knockouts or spec.image_attn is not None or spec.ablate is not None
-        if not needs_groups and state.recorder is None:
+    for a in session.actives:
+        if not (a.knockouts or a.image_attn is not None or a.ablate is not None):
             continue
-        groups = state.groups_for(spec)
-        for ko in spec.knockouts:
+        groups = session.groups_for(a)
+        for ko in a.knockouts:
             hm = _heads_mask(ko.heads, ad, dev)[..., layer, :]  # [H] or per example [B, H]
             hm = hm[None] if hm.ndim == 1 else hm
             src = _group(groups, ko.src, k_len, dev)
             dst = _group(groups, ko.dst, k_len, dev)[:, k_len - q_len:]
             block = hm[:, :, None, None] & dst[:, None, :, None] & src[:, None, None, :]
             bias = bias.masked_fill(block, NEG)
-        if spec.image_attn is not None:
-            fac = spec.image_attn.to(dev)[layer].float()  # [H]
+        if a.image_attn is not None:
+            fac = a.image_attn.to(dev)[layer]  # [H]
             img = _group(groups, "image", k_len, dev)
             aft = _group(groups, "after_image", k_len, dev)[:, k_len - q_len:]
-            logf = torch.log(fac.clamp(min=0)).clamp(min=NEG)
+            logf = torch.log(fac).clamp(min=NEG)
             add = logf[None, :, None, None] * (aft[:, None, :, None] & img[:, None, None, :])
             bias = bias + torch.nan_to_num(add, nan=0.0)
-    scores = _scores(module, query, k_e, scaling, None, softcap) + bias
-    probs = torch.softmax(scores, dim=-1)
+    probs = torch.softmax(_scores(query, k_e, scaling, softcap) + bias, dim=-1)
     out = torch.matmul(probs, v_e.float())
-    if state.recorder is not None:
-        g = groups if groups is not None else state.groups_for(Spec())
+    if session.recorder is not None:
+        g = groups if groups is not None else session.groups_for(None)
         img = _group(g, "image", k_len, dev)
         aft = _group(g, "after_image", k_len, dev)[:, k_len - q_len:]
         last = _group(g, "last", k_len, dev)[:, k_len - q_len:]
-        state.recorder.add(layer, probs, img, aft, last)
-    abl = state.ablation()
-    if abl is not None:
-        am = abl._ablate_t[..., layer, :].to(dev)  # [B|1, H]
-        if bool(am.any()):
-            groups = state.groups_for(abl)
-            img = _group(groups, "image", k_len, dev)
-            aft = _group(groups, "after_image", k_len, dev)[:, k_len - q_len:]
-            kb, vb = abl.baseline.kv(layer, key, value, img)  # key/value with image positions replaced
-            kb_e, vb_e = _repeat(kb, n_rep), _repeat(vb, n_rep)
-            probs_b = torch.softmax(_scores(module, query, kb_e, scaling, None, softcap) + bias, dim=-1)
-            out_b = torch.matmul(probs_b, vb_e.float())
-            sel = am[:, :, None, None] & aft[:, None, :, None]
-            out = torch.where(sel, out_b, out)
+        session.recorder.add(layer, probs, img, aft, last)
+    abl = session.ablation()
+    if abl is not None and layer in abl.ablate_layers:
+        am = abl.ablate[..., layer, :].to(dev)  # [B|1, H]
+        groups = session.groups_for(abl)
+        img = _group(groups, "image", k_len, dev)
+        aft = _group(groups, "after_image", k_len, dev)[:, k_len - q_len:]
+        kb, vb = abl.baseline.kv(layer, key, value, img)  # key/value with image positions replaced
+        probs_b = torch.softmax(_scores(query, _repeat(kb, n_rep), scaling, softcap) + bias, dim=-1)
+        out_b = torch.matmul(probs_b, _repeat(vb, n_rep).float())
+        sel = am[:, :, None, None] & aft[:, None, :, None]
+        out = torch.where(sel, out_b, out)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 # ----------------------------------------------------------------------------------------------
 # o_proj input hook: per-head output scaling and steering
 # ----------------------------------------------------------------------------------------------
-def _oproj_hook(state: _State, layer: int):
+def _oproj_hook(session: _Session, layer: int):
     def hook(mod, args):
         x = args[0]
         B, T, _ = x.shape
-        h = x.view(B, T, state.ad.num_heads, -1)
-        for spec in state.specs:
-            if spec.head_scale is not None:
-                s = spec.head_scale.to(x.device, x.dtype)
-                s = s[..., layer, :] if s.ndim >= 2 else s
-                h = h * (s.reshape(-1, 1, state.ad.num_heads, 1) if s.ndim == 2 else s[None, None, :, None])
-            if spec.head_add is not None:
-                h = h + spec.head_add[layer].to(x.device, x.dtype)[None, None]
+        H = session.ad.num_heads
+        h = x.view(B, T, H, -1)
+        for a in session.actives:
+            if a.head_scale is not None:
+                s = a.head_scale[..., layer, :].to(x.device, x.dtype)  # [H] or [B|1, H]
+                h = h * (s.reshape(-1, 1, H, 1) if s.ndim == 2 else s[None, None, :, None])
+            if a.head_add is not None:
+                h = h + a.head_add[layer].to(x.device, x.dtype)[None, None]
         return (h.reshape(B, T, -1),) + tuple(args[1:])
 
     return hook
 
 
-def _needs_hooks(state: _State) -> bool:
-    return any(s.head_scale is not None or s.head_add is not None for s in state.specs)
-
-
-# ----------------------------------------------------------------------------------------------
-# The context manager
-# ----------------------------------------------------------------------------------------------
-def _prepare(spec: Spec, ad: Adapter) -> Spec:
-    if spec.ablate is not None:
-        if spec.baseline is None:
-            raise HeadsteerError("ablation needs a baseline: Spec(baseline=...) from headsteer.attribution.make_baseline")
-        m = _heads_mask(spec.ablate, ad, "cpu")
-        spec._ablate_t = m if m.ndim == 3 else m[None]
-    if spec.image_attn is not None:
-        spec.image_attn = torch.as_tensor(spec.image_attn, dtype=torch.float32)
-        if spec.image_attn.shape != (ad.num_layers, ad.num_heads):
-            raise HeadsteerError(f"image_attn must be [{ad.num_layers}, {ad.num_heads}]")
-    if spec.head_scale is not None:
-        spec.head_scale = torch.as_tensor(spec.head_scale, dtype=torch.float32)
-    if spec.head_add is not None:
-        spec.head_add = torch.as_tensor(spec.head_add, dtype=torch.float32)
-        if spec.head_add.shape != (ad.num_layers, ad.num_heads, ad.head_dim):
-            raise HeadsteerError(f"head_add must be [{ad.num_layers}, {ad.num_heads}, {ad.head_dim}]")
-    return spec
-
-
-def _groups_hook(state: _State):
+def _groups_hook(session: _Session):
     def hook(mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        if ids is None or (continuing and state.groups is not None):
+        if ids is None or (continuing and session.groups is not None):
             return None  # decoding: keep the prompt's groups; new tokens count as text after the image
         am = kwargs.get("attention_mask")
-        state.groups = state.ad.token_groups(ids, am, state.object_patches)
-        if (state.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None
-                and not state.ad.model_type.startswith("qwen")):
+        patches = session.object_patches[-1] if session.object_patches else None
+        session.groups = session.ad.token_groups(ids, am, patches)
+        if (session.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None
+                and not session.ad.model_type.startswith("qwen")):
             # Positions count from the first real token (as generate() does), so that a padded row
             # sees the same rotary phases as the same prompt alone — and as the baseline's keys.
             kwargs["position_ids"] = (am.long().cumsum(-1) - 1).clamp(min=0)
@@ -352,56 +402,97 @@ def _left_padded(am) -> bool:
     return am is not None and am.ndim == 2 and bool((am[:, 0] == 0).any())
 
 
-@contextlib.contextmanager
-def intervene(model, spec: Spec | None = None, *, processor=None, object_patches=None, recorder: Recorder | None = None, **fields):
+# ----------------------------------------------------------------------------------------------
+# The handle: owns every hook, implementation name and attribute it sets, and undoes them
+# ----------------------------------------------------------------------------------------------
+class Intervention:
+    """``with intervene(model, spec) as iv:`` — an open intervention on one model.
+
+    Contexts nest: specs stack (scales multiply, additions add, knockouts accumulate). Leaving a
+    context (normally or by an exception, also one raised while entering) undoes exactly what it
+    did; the outermost one restores the model's attention implementation."""
+
+    def __init__(self, model, spec: Spec, processor=None, object_patches=None, recorder=None, capture=None):
+        self.model = model
+        self.spec = spec
+        self._ad = get_adapter(model, processor)
+        self._active = _compile(spec, self._ad)
+        self._extras = (object_patches, recorder, capture)
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> "Intervention":
+        if self._stack is not None:
+            raise HeadsteerError("this intervention is already active; create a new one with intervene(...)")
+        stack = contextlib.ExitStack()
+        try:
+            session = self.model.__dict__.get(_SESSION)
+            if session is None:
+                session = self._open_session(stack)
+            _push(stack, session.actives, self._active)
+            object_patches, recorder, capture = self._extras
+            if object_patches is not None:
+                _push(stack, session.object_patches, object_patches)
+            if recorder is not None:
+                _push(stack, session.recorders, recorder)
+            if capture is not None:
+                _push(stack, session.captures, capture)
+            if session.needs_oproj_hooks() and not session.oproj_handles:
+                stack.callback(_remove_hooks, session.oproj_handles)
+                for i in range(self._ad.num_layers):
+                    session.oproj_handles.append(self._ad.out_proj(i).register_forward_pre_hook(_oproj_hook(session, i)))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def _open_session(self, stack: contextlib.ExitStack) -> _Session:
+        model, ad = self.model, self._ad
+        session = _Session(ad)
+        setattr(model, _SESSION, session)
+        stack.callback(model.__dict__.pop, _SESSION, None)
+        for cfg in {id(m.config): m.config for m in ad.attention}.values():
+            impl = cfg._attn_implementation
+            base = impl.removeprefix("headsteer_") if impl and impl.startswith("headsteer_") else impl
+            stack.callback(setattr, cfg, "_attn_implementation_internal", impl)
+            cfg._attn_implementation_internal = "headsteer_eager" if base == "eager" else "headsteer_sdpa"
+        for i, m in enumerate(ad.attention):
+            stack.callback(m.__dict__.pop, _LAYER, None)
+            m.__dict__[_LAYER] = (session, i)
+        stack.callback(model.register_forward_pre_hook(_groups_hook(session), with_kwargs=True).remove)
+        return session
+
+    def __exit__(self, *exc):
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+        return False
+
+
+def _push(stack, items: list, item):
+    items.append(item)
+    stack.callback(_remove_item, items, item)
+
+
+def _remove_item(items: list, item):
+    for i in range(len(items) - 1, -1, -1):
+        if items[i] is item:
+            del items[i]
+            return
+
+
+def _remove_hooks(handles: list):
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+def intervene(model, spec: Spec | None = None, *, processor=None, object_patches=None, recorder: Recorder | None = None,
+              capture: dict | None = None, **fields) -> Intervention:
     """``with intervene(model, Spec(...)): model(**inputs)`` — or pass the Spec fields as keywords.
 
-    Contexts nest: specs stack (scales multiply, additions add, knockouts accumulate).
-    """
-    ad = get_adapter(model, processor)
-    spec = _prepare(spec if spec is not None else Spec(**fields), ad)
-    root = getattr(model, "_headsteer_state", None)
-    fresh = root is None
-    if fresh:
-        root = _State(ad)
-        model._headsteer_state = root
-    prev_rec, prev_obj = root.recorder, root.object_patches
-    if object_patches is not None:
-        root.object_patches = object_patches
-    if recorder is not None:
-        root.recorder = recorder
-    root.specs.append(spec)
-    saved, handles = [], []
-    try:
-        if fresh:
-            for cfg in {id(m.config): m.config for m in ad.attention}.values():
-                impl = cfg._attn_implementation
-                base = impl.removeprefix("headsteer_") if impl and impl.startswith("headsteer_") else impl
-                new = "headsteer_eager" if base == "eager" else "headsteer_sdpa"
-                saved.append((cfg, impl))
-                cfg._attn_implementation_internal = new
-            for i, m in enumerate(ad.attention):
-                _ACTIVE[id(m)] = (root, i)
-            handles.append(model.register_forward_pre_hook(_groups_hook(root), with_kwargs=True))
-            root._hook_handles = []
-        if _needs_hooks(root) and not root._hook_handles:
-            root._hook_handles = [ad.out_proj(i).register_forward_pre_hook(_oproj_hook(root, i)) for i in range(ad.num_layers)]
-            added_hooks = True
-        else:
-            added_hooks = False
-        yield spec
-    finally:
-        root.specs.remove(spec)
-        root.recorder, root.object_patches = prev_rec, prev_obj
-        if added_hooks:
-            for h in root._hook_handles:
-                h.remove()
-            root._hook_handles = []
-        if fresh:
-            for h in handles:
-                h.remove()
-            for cfg, impl in saved:
-                cfg._attn_implementation_internal = impl
-            for m in ad.attention:
-                _ACTIVE.pop(id(m), None)
-            del model._headsteer_state
+    ``recorder`` collects attention mass on image keys; ``capture`` (a dict) receives each text
+    layer's (key, value) after rotary embedding, by layer index."""
+    if spec is not None and fields:
+        raise HeadsteerError("give either a Spec or its fields as keywords, not both")
+    return Intervention(model, spec if spec is not None else Spec(**fields), processor, object_patches, recorder, capture)
