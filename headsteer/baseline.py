@@ -16,6 +16,7 @@ import torch
 
 from .adapters import get_adapter
 from .errors import HeadsteerError
+from .intervene import intervene
 
 KINDS = ("mean", "blank", "zero")
 
@@ -64,6 +65,7 @@ class TensorBaseline(Baseline):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, kind: str, meta: dict | None = None):
         self.keys, self.values, self.kind, self.meta = keys, values, kind, meta or {}
+        self._on_device: dict = {}
 
     def image_kv(self, layer, n_img, dtype, device):
         if self.keys.shape[2] != n_img:
@@ -71,7 +73,10 @@ class TensorBaseline(Baseline):
                 f"the {self.kind} baseline has {self.keys.shape[2]} image positions, this input has {n_img}; "
                 "recompute it for this image size or use baseline='zero'"
             )
-        return self.keys[layer].to(device, dtype), self.values[layer].to(device, dtype)
+        key = (layer, str(device), dtype)
+        if key not in self._on_device:  # once per layer/device/dtype, not once per forward
+            self._on_device[key] = (self.keys[layer].to(device, dtype), self.values[layer].to(device, dtype))
+        return self._on_device[key]
 
     def describe(self) -> dict:
         return {"kind": self.kind, **self.meta}
@@ -98,9 +103,9 @@ class TensorBaseline(Baseline):
 
 @torch.no_grad()
 def capture_image_kv(model, processor, images, questions, batch_size=16):
-    """Mean over ``images`` of each layer's K/V at image positions: ([L, Hkv, n, d], [L, Hkv, n, d])."""
-    from .intervene import intervene
-
+    """Mean over ``images`` of each layer's K/V at image positions: ([L, Hkv, n, d], [L, Hkv, n, d])
+    as fp32 on the host. The forward runs under the precision policy (fp32 attention arithmetic),
+    as every ablated forward does."""
     ad = get_adapter(model, processor)
     ksum = vsum = None
     n = 0
@@ -108,12 +113,9 @@ def capture_image_kv(model, processor, images, questions, batch_size=16):
         ims, qs = images[i : i + batch_size], questions[i : i + batch_size]
         inputs = ad.encode(ims, qs)
         img = ad.image_mask(inputs["input_ids"])
-        with intervene(model) as _:
-            state = model._headsteer_state
-            state.capture = {}
-            model(**inputs)
-            cap = state.capture
-            state.capture = None
+        cap = {}
+        with intervene(model, capture=cap, fp32_attention=True):
+            model(**inputs, logits_to_keep=1)
         ks, vs = [], []
         for layer in range(ad.num_layers):
             k, v = cap[layer]
@@ -124,7 +126,7 @@ def capture_image_kv(model, processor, images, questions, batch_size=16):
         ksum = k if ksum is None else ksum + k
         vsum = v if vsum is None else vsum + v
         n += len(ims)
-    return ksum / n, vsum / n
+    return (ksum / n).cpu(), (vsum / n).cpu()
 
 
 def blank_image(processor):
@@ -186,3 +188,23 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
     cache.mkdir(parents=True, exist_ok=True)
     b.save(path)
     return b
+
+
+def as_baseline(model, processor, baseline, dataset=None) -> Baseline:
+    """A Baseline from a name. The ``mean`` reference set is the easy-VQA train images for easy-VQA
+    data and otherwise the data set's own first 64 distinct images (so that the image size, and
+    with it the number of image tokens, matches what is ablated)."""
+    if isinstance(baseline, Baseline):
+        return baseline
+    reference = None
+    if baseline == "mean" and dataset is not None and "image_id" not in dataset.column_names:
+        seen, reference = set(), []
+        for i in range(min(len(dataset), 256)):
+            im = dataset[i]["image"]
+            key = hashlib.sha1(im.tobytes()).hexdigest()
+            if key not in seen:
+                seen.add(key)
+                reference.append(im)
+            if len(reference) == 64:
+                break
+    return make_baseline(model, processor, baseline, reference=reference)
