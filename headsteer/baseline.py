@@ -16,6 +16,8 @@ import torch
 
 from .adapters import get_adapter
 from .errors import HeadsteerError
+from .files import save_safetensors
+from .fingerprint import config_fingerprint, processor_fingerprint, weights_fingerprint
 from .intervene import intervene
 
 KINDS = ("mean", "blank", "zero")
@@ -82,12 +84,8 @@ class TensorBaseline(Baseline):
         return {"kind": self.kind, **self.meta}
 
     def save(self, path):
-        from safetensors.torch import save_file
-
-        tmp = str(path) + ".tmp"
-        save_file({"keys": self.keys.contiguous(), "values": self.values.contiguous()}, tmp,
-                  metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
-        os.replace(tmp, path)
+        save_safetensors({"keys": self.keys, "values": self.values}, path,
+                         metadata={"kind": self.kind, "meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path):
@@ -141,11 +139,8 @@ def blank_image(processor):
 
 
 def _model_hash(model) -> str:
-    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    h = hashlib.sha1(str(path).encode())
-    for p in list(model.parameters())[:4]:
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
+    # every weight (a sample of the first tensors missed edits of the language model), not the path
+    return f"{weights_fingerprint(model)}|{config_fingerprint(model)}"
 
 
 def make_baseline(model, processor, kind="mean", reference=None, question="what is in the image?", cache_dir=None, n_reference=64):
@@ -178,7 +173,8 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
         for im in reference:
             h.update(im.tobytes())
         ref_name += ":" + h.hexdigest()[:10]
-    key = hashlib.sha1(f"{_model_hash(model)}|{ref_name}|{question}".encode()).hexdigest()[:16]
+    proc_hash = processor_fingerprint(processor if processor is not None else ad.processor)
+    key = hashlib.sha256(f"{_model_hash(model)}|{proc_hash}|{ref_name}|{question}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("HEADSTEER_CACHE", Path.home() / ".cache" / "headsteer"))
     path = cache / f"baseline-mean-{key}.safetensors"
     if path.exists():

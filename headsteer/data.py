@@ -6,6 +6,7 @@ shape's pixels) for the object-vs-background patch analysis.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -103,8 +104,10 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, wi
         feats = vqa_features(image_id=datasets.Value("int64"), object_mask=datasets.Array2D(shape=(64, 64), dtype="bool"))
         data["image"] = images
         data["object_mask"] = masks
-        return datasets.Dataset.from_dict(data, features=feats)
-    return datasets.Dataset.from_dict(data)
+        ds = datasets.Dataset.from_dict(data, features=feats)
+    else:
+        ds = datasets.Dataset.from_dict(data)
+    return stamp_origin(ds, spec="easy-vqa", split=split, qtypes=sorted(qtypes) if qtypes is not None else None)
 
 
 _IMAGE_COLS = ("image", "image_path", "img", "file_name")
@@ -201,7 +204,9 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
         if has_box:
             out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
     extra = {"object_box": datasets.Sequence(datasets.Value("float32"))} if has_box else {}
-    return datasets.Dataset.from_dict(out, features=vqa_features(**extra))
+    ds = datasets.Dataset.from_dict(out, features=vqa_features(**extra))
+    return stamp_origin(ds, spec=str(path.resolve()), split=None, qtypes=None,
+                        file_sha256=hashlib.sha256(table.read_bytes()).hexdigest())
 
 
 def _box(value, size, table) -> list[float]:
@@ -224,5 +229,32 @@ def load_data(spec: str | None, split: str = "test", limit: int | None = None, q
         return load_easy_vqa(spec.split(":", 1)[1], limit=limit, qtypes=qtypes)
     ds = load_local_vqa(spec, limit=limit)
     if qtypes is not None:
-        ds = ds.filter(lambda r: r["qtype"] in qtypes)
+        origin = data_origin(ds)
+        ds = stamp_origin(ds.filter(lambda r: r["qtype"] in qtypes), **{**origin, "qtypes": sorted(qtypes)})
     return ds
+
+
+_STAMP = "headsteer-data "
+
+
+def stamp_origin(dataset, **origin):
+    """Record where ``dataset`` came from (spec, split, question types, ...) in its
+    ``info.description``, with the ``datasets`` fingerprint it had then: every transform (map,
+    filter, select) gives a new fingerprint, so a transformed data set is not taken for its origin."""
+    dataset.info.description = _STAMP + json.dumps({"origin": origin, "fingerprint": dataset._fingerprint})
+    return dataset
+
+
+def data_origin(dataset, exact: bool = True) -> dict | None:
+    """The origin :func:`stamp_origin` recorded, or None. ``exact=False`` also answers for a data
+    set transformed since (its split is still known, its rows may not be the origin's)."""
+    desc = getattr(getattr(dataset, "info", None), "description", None) or ""
+    if not desc.startswith(_STAMP):
+        return None
+    try:
+        d = json.loads(desc[len(_STAMP):])
+    except json.JSONDecodeError:
+        return None
+    if exact and d.get("fingerprint") != getattr(dataset, "_fingerprint", None):
+        return None
+    return d.get("origin")

@@ -1,0 +1,171 @@
+"""Exact content fingerprints of what determines a run's numbers: the weights, the processor, an
+edit manifest, the data rows.
+
+Weights are hashed where they live: each tensor's bits are read as integers and reduced to a
+position-weighted sum in int64. Integer addition wraps mod 2^64 and is associative, so the value
+is the same on CPU and GPU and for any reduction order, and nothing but one number per tensor
+crosses to the host. Every weight has an odd multiplier, so changing any single weight always
+changes the sum."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import torch
+
+_CHUNK = 1 << 22  # elements per step: bounds the int64 temporaries to a few tens of MB
+
+
+def _i64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_M1, _M2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9)
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+_weights_cache: dict = {}
+
+
+def _position_weights(device) -> torch.Tensor:
+    """Odd int64 weights for the positions in a chunk (splitmix64-style mixing of the index;
+    arithmetic shifts and wrapping products are defined the same way on every device)."""
+    key = str(device)
+    if key not in _weights_cache:
+        w = torch.arange(_CHUNK, device=device, dtype=torch.int64) * _M1
+        w = w ^ (w >> 31)
+        w = w * _M2
+        w = w ^ (w >> 29)
+        _weights_cache[key] = w | 1
+    return _weights_cache[key]
+
+
+def _chunk_weight(k: int) -> int:
+    # odd too: a change in one element moves the total by (odd * odd * delta) != 0 mod 2^64
+    return _i64((((k + 1) * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)) | 1)
+
+
+@torch.no_grad()
+def tensor_fingerprint(t: torch.Tensor) -> int:
+    """The position-weighted int64 sum of a tensor's bits (see the module docstring)."""
+    if t.device.type == "meta":
+        return 0
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    bits = flat.view(_INT_VIEW[flat.element_size()])
+    weights = _position_weights(bits.device)
+    total = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for k, start in enumerate(range(0, bits.numel(), _CHUNK)):
+        chunk = bits[start : start + _CHUNK].to(torch.int64)
+        total += (chunk * weights[: chunk.numel()]).sum() * _chunk_weight(k)
+    return int(total.item())
+
+
+def _persistent_tensors(model):
+    """Parameters and the buffers a checkpoint holds (non-persistent buffers such as rotary
+    frequencies are derived from the config and may be computed differently per device)."""
+    seen = set()
+    for name, p in model.named_parameters():
+        seen.add(id(p))
+        yield name, p
+    for mod_name, mod in model.named_modules():
+        skip = getattr(mod, "_non_persistent_buffers_set", set())
+        for bname, b in mod._buffers.items():
+            if b is None or bname in skip or id(b) in seen:
+                continue
+            seen.add(id(b))
+            yield f"{mod_name}.{bname}" if mod_name else bname, b
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over (name, shape, dtype, content sum) of every parameter and persistent buffer."""
+    h = hashlib.sha256()
+    for name, t in sorted(_persistent_tensors(model), key=lambda x: x[0]):
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{t.device.type == 'meta'}|{tensor_fingerprint(t)}\n".encode())
+    return h.hexdigest()
+
+
+_CONFIG_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not str(k).startswith("_") and k not in _CONFIG_VOLATILE}
+    if isinstance(obj, (list, tuple)):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def config_fingerprint(model) -> str:
+    """The architecture's numbers (rope, eps, sizes ...) without the path, dtype or the attention
+    implementation chosen at run time."""
+    d = _stable(model.config.to_dict())
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def processor_fingerprint(processor) -> str:
+    """sha256 of the processor's serialised config, tokenizer and chat template."""
+    if processor is None:
+        return "none"
+    parts = []
+    for obj in (processor, getattr(processor, "tokenizer", None), getattr(processor, "image_processor", None)):
+        if obj is None:
+            continue
+        to_json = getattr(obj, "to_json_string", None)
+        if callable(to_json):
+            try:
+                parts.append(to_json())
+            except Exception:  # tokenizers without a JSON form are covered by their vocabulary below
+                pass
+        parts.append(str(getattr(obj, "chat_template", None)))
+    tok = getattr(processor, "tokenizer", processor)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    elif hasattr(tok, "get_vocab"):
+        parts.append(json.dumps(sorted(tok.get_vocab().items())))
+        parts.append(json.dumps(getattr(tok, "special_tokens_map", {}), sort_keys=True, default=str))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def edit_fingerprint(edit) -> str | None:
+    """Content hash of an edit: kind, heads, parameters, whether baked, and its tensors (not its
+    provenance, which holds a creation time). ``edit``: an ``EditManifest``-like object or the
+    path of a manifest JSON (its tensor file is read beside it); None for no edit."""
+    if edit is None:
+        return None
+    if isinstance(edit, (str, Path)):
+        from safetensors.torch import load_file
+
+        path = Path(edit)
+        d = json.loads(path.read_text())
+        body = {k: d.get(k) for k in ("kind", "heads", "params")}
+        body["baked"] = bool(d.get("baked", False))
+        tensors = load_file(str(path.parent / d["tensors"])) if d.get("tensors") else {}
+    else:
+        body = {"kind": edit.kind, "heads": edit.heads, "params": edit.params, "baked": bool(getattr(edit, "baked", False))}
+        tensors = getattr(edit, "tensor_data", None) or {}
+    # the same value for a manifest in memory and the file it was saved to
+    h = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode())
+    for name, t in sorted(tensors.items()):
+        h.update(f"|{name}|{tuple(t.shape)}|{t.dtype}|{tensor_fingerprint(t)}".encode())
+    return h.hexdigest()
+
+
+def rows_fingerprint(dataset, n: int | None = None) -> str:
+    """sha256 of the first ``n`` rows of a ``datasets.Dataset`` as stored (images as their encoded
+    bytes, so nothing is decoded): the rows a run reads, whatever the loader or the transforms."""
+    import pyarrow as pa
+
+    n = len(dataset) if n is None else min(n, len(dataset))
+    table = dataset.with_format("arrow")[0:n]
+    table = table.take(pa.array(range(table.num_rows), pa.int64()))  # compact buffers: same bytes for the same rows
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()

@@ -1,0 +1,157 @@
+"""A run folder has an identity: ``run.json`` holds everything that determines the numbers in it
+(command, headsteer version, weights, processor, data rows, dtype, settings, edit, baseline) and
+the hash of that. A run resumes only into a folder of the same identity; any other headsteer run
+there is refused with one line naming what differs (``force`` starts over, deleting only the files
+the old run listed as its own); a non-empty folder headsteer did not write is never touched."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import headsteer
+
+from .data import data_origin
+from .errors import HeadsteerError
+from .files import write_json
+from .fingerprint import (config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint,
+                          weights_fingerprint)
+from .parallel import on_main_process
+
+RUN_FILE = "run.json"
+FORMAT = "headsteer-run-1"
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_identity(dataset, n: int | None = None, extra: dict | None = None) -> dict:
+    """The rows a run reads: their count and content, and where they came from when the loader
+    recorded it (spec, split, question types) and nothing has transformed them since."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    d = dict(data_origin(dataset) or {})
+    d.update(extra or {})
+    d.update(rows=n, content=rows_fingerprint(dataset, n))
+    return d
+
+
+def run_identity(command: str, model=None, processor=None, dataset=None, n: int | None = None, data_extra=None,
+                 settings: dict | None = None, edit=None, baseline=None) -> tuple[dict, dict]:
+    """(identity, info): the identity is hashed; info is kept beside it for people (paths, times)."""
+    ident = {"command": command, "headsteer": headsteer.__version__}
+    info = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if model is not None:
+        p = next(model.parameters(), None)
+        ident.update(weights=weights_fingerprint(model), config=config_fingerprint(model),
+                     dtype=str(p.dtype).replace("torch.", "") if p is not None else None,
+                     installed_edit=edit_fingerprint(getattr(model, "_headsteer_edit", None)))
+        info["model"] = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+    if model is not None or processor is not None:
+        ident["processor"] = processor_fingerprint(processor)
+    if dataset is not None:
+        ident["data"] = data_identity(dataset, n, data_extra)
+    if settings is not None:
+        ident["settings"] = settings
+    ident["edit"] = edit_fingerprint(edit)
+    if edit is not None and hasattr(edit, "describe"):
+        info["edit"] = edit.describe()
+    if baseline is not None:
+        ident["baseline"] = baseline.describe() if hasattr(baseline, "describe") else str(baseline)
+    return ident, info
+
+
+@dataclass
+class RunDir:
+    path: Path
+    identity: dict
+    hash: str
+    resumed: bool
+
+    def __truediv__(self, name) -> Path:
+        return self.path / name
+
+
+def _read_record(folder: Path) -> dict | None:
+    try:
+        rec = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT or "hash" not in rec:
+        return None
+    return rec
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    target = (folder / name).resolve()
+    root = folder.resolve()
+    return target if target != root and root in target.parents else None
+
+
+def _remove_written(folder: Path, rec: dict):
+    """Delete what the run recorded as its own (recursing into sub-runs), its temporary files, and
+    its run.json; anything else in the folder stays."""
+    for name in rec.get("written", []):
+        target = _inside(folder, name)
+        if target is None:
+            continue
+        if target.is_dir() and not target.is_symlink():
+            sub = _read_record(target)
+            if sub is not None:
+                _remove_written(target, sub)
+            for d in [target, *target.parents]:  # folders headsteer made for it, once empty
+                if d == folder.resolve() or not d.is_dir() or any(d.iterdir()):
+                    break
+                d.rmdir()
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    (folder / RUN_FILE).unlink(missing_ok=True)
+
+
+def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str], info: dict) -> bool:
+    if folder.exists() and not folder.is_dir():
+        raise HeadsteerError(f"{folder} is a file, not a folder; choose another --out")
+    if folder.exists() and any(folder.iterdir()):
+        rec = _read_record(folder)
+        if rec is None:
+            raise HeadsteerError(f"{folder} is not empty and was not written by headsteer (no {RUN_FILE}); choose another "
+                                 "--out (headsteer deletes nothing there, even with --force)")
+        if rec["hash"] == h and not force:
+            written = sorted(set(rec.get("written", [])) | set(outputs))
+            if written != rec.get("written"):
+                write_json(folder / RUN_FILE, {**rec, "written": written})
+            return True
+        if not force:
+            what = ", ".join(_differences(rec.get("identity", {}), identity)) or "identity"
+            raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
+                                 "over or choose another --out")
+        _remove_written(folder, rec)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RUN_FILE, {"format": FORMAT, "identity": identity, "hash": h, "info": info,
+                                   "written": sorted(set(outputs))})
+    return False
+
+
+def open_run(path, identity: dict, *, force: bool = False, outputs=(), info: dict | None = None) -> RunDir:
+    """Create, resume or refuse the run folder ``path`` for ``identity``. ``outputs``: the file
+    (or sub-run folder) names this run may write there, relative to it — what ``force`` may
+    delete later. Under ``accelerate launch`` rank 0 decides and writes; every rank gets its
+    answer (or its one-line refusal)."""
+    folder = Path(path)
+    h = identity_hash(identity)
+    resumed = on_main_process(lambda: _open(folder, identity, h, force, list(outputs), info or {}))
+    return RunDir(folder, identity, h, resumed)
+
