@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
+from sklearn.linear_model import LassoCV, RidgeCV
 
 from headsteer.errors import HeadsteerError
 
@@ -47,25 +49,26 @@ class Fit:
     spearman: float
     penalty: float
     method: str
+    holdout: np.ndarray  # indices of the masks held out for the faithfulness numbers
 
 
-def _corr(a, b):
-    if np.std(a) < 1e-12 or np.std(b) < 1e-12:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+def _constant(x) -> bool:
+    return bool(np.ptp(x) <= 1e-12 * max(1.0, float(np.abs(x).max())))
 
 
-def _rank(x):
-    r = np.empty(len(x))
-    r[np.argsort(x, kind="stable")] = np.arange(len(x))
-    return r
+def faithfulness(predicted, measured) -> tuple[float, float]:
+    """(Pearson, Spearman) between predicted and measured statistics; Spearman ranks ties by
+    their average rank (scipy), so the answer does not depend on the order of the rows. NaN when
+    either side is constant, where a correlation is undefined."""
+    a, b = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    if len(a) < 2 or _constant(a) or _constant(b):
+        return float("nan"), float("nan")
+    return float(stats.pearsonr(a, b).statistic), float(stats.spearmanr(a, b).statistic)
 
 
 def fit(masks: torch.Tensor, y: torch.Tensor, method: str = "ridge", holdout: float = 0.2, seed: int = 0) -> Fit:
     """Linear model mask -> statistic, penalty chosen by cross-validation on the training masks;
     faithfulness is measured on the held-out masks."""
-    from sklearn.linear_model import LassoCV, RidgeCV
-
     M, L, H = masks.shape
     X = masks.reshape(M, L * H).float().numpy()
     y = np.asarray(y, dtype=np.float64)
@@ -80,12 +83,13 @@ def fit(masks: torch.Tensor, y: torch.Tensor, method: str = "ridge", holdout: fl
     else:
         raise HeadsteerError(f"unknown method {method!r}: use ridge or lasso")
     model.fit(X[train], y[train])
-    pred = model.predict(X[test])
+    pearson, spearman = faithfulness(model.predict(X[test]), y[test])
     return Fit(
         scores=-model.coef_.reshape(L, H),
         intercept=float(model.intercept_),
-        pearson=_corr(pred, y[test]),
-        spearman=_corr(_rank(pred), _rank(y[test])),
+        pearson=pearson,
+        spearman=spearman,
         penalty=float(model.alpha_),
         method=method,
+        holdout=test,
     )

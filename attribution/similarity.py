@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .regression import faithfulness
+
 
 def _cos(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
 def _spearman(a, b):
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    # Many heads score exactly alike (often 0): scipy's average ranks keep ties order-free.
+    return faithfulness(a, b)[1]
 
 
 def group_similarity(scores: np.ndarray, semantic: list, appearance: list) -> dict:
