@@ -199,7 +199,7 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
         out["image"].append(_open_image(r[img_col], table.parent))
         out["question"].append(str(r["question"]))
         out["answers"].append(answers)
-        out["answer"].append(max(set(answers), key=answers.count))
+        out["answer"].append(max(answers, key=answers.count))  # ties: the first listed (not hash order)
         out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
         if has_box:
             out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
