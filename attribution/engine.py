@@ -80,7 +80,7 @@ class SuffixRunner:
         # prefix runs under the same attention arithmetic as every ablated forward.
         with torch.no_grad(), tf32_for(self.dtype, self.device), intervene(model, fp32_attention=True):
             out = model(**pre, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        self.prefix = Prefix(PrefixCache(out.past_key_values), img[: self.P])
+        self.prefix = Prefix(PrefixCache(out.cache), img[: self.P])
         self.suffix = ids[:, self.P :]
         self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
 

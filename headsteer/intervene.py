@@ -380,7 +380,7 @@ def _oproj_hook(session: _Session, layer: int):
 def _groups_hook(session: _Session):
     def hook(mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if ids is None or (continuing and session.groups is not None):
             return None  # decoding: keep the prompt's groups; new tokens count as text after the image

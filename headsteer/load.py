@@ -5,7 +5,15 @@ import json
 import os
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from .adapters import FAMILIES, get_adapter, supported_families
 from .errors import HeadsteerError
+
+DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def default_model_path() -> str:
@@ -30,8 +38,6 @@ def _check_weights(p: Path):
         bins = list(p.glob("*.bin"))
         hint = " (it has .bin files: convert them to safetensors; pickled weights are not loaded)" if bins else ""
         raise HeadsteerError(f"{p} holds no .safetensors weights{hint}")
-    from safetensors import safe_open
-
     for s in shards:
         if s.name.startswith("baseline-"):
             continue
@@ -49,11 +55,8 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
     Safetensors only; ``trust_remote_code`` stays off unless asked. The vision tower keeps SDPA;
     the text model gets ``attn_implementation`` (default: SDPA), which ``intervene`` wraps.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from .adapters import FAMILIES, get_adapter, supported_families
-
+    device = check_device(device)
+    dtype = check_dtype(dtype, device if device_map is None else _first_gpu(device_map))
     p = resolve_model_path(model)
     try:
         cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -63,9 +66,6 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
         raise HeadsteerError(f"unsupported architecture {cfg.model_type!r} in {p}; supported: {supported_families()}")
     _check_weights(p)
     kw = {"trust_remote_code": trust_remote_code}
-    if isinstance(dtype, str):
-        dtype = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
     if dtype is not None:
         kw["dtype"] = dtype
     if device_map is not None:
@@ -74,13 +74,16 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
         kw["attn_implementation"] = attn_implementation
     try:
         m = AutoModelForImageTextToText.from_pretrained(p, use_safetensors=True, **kw)
+        m.eval()
+        if device is not None and device_map is None:
+            m.to(device)
     except HeadsteerError:
         raise
+    except torch.OutOfMemoryError:
+        raise HeadsteerError(f"{p} does not fit in the memory of {device or 'the device'}: use --device-map auto "
+                             "(spreads it over every GPU, then the CPU) or a smaller --dtype") from None
     except Exception as e:
         raise HeadsteerError(f"cannot load model from {p}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
-    m.eval()
-    if device is not None and device_map is None:
-        m.to(device)
     proc = None
     if processor:
         try:
@@ -89,6 +92,46 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
             raise HeadsteerError(f"cannot load the processor from {p}: {str(e).splitlines()[0]}") from None
     get_adapter(m, proc)
     return m, proc
+
+
+def check_device(device):
+    """``device`` as a torch.device, or a one-line error when this machine cannot use it."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HeadsteerError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HeadsteerError(f"--device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                                 "use --device cpu, or install a CUDA build of torch")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise HeadsteerError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                                 f"cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise HeadsteerError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise HeadsteerError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or mps")
+    return d
+
+
+def check_dtype(dtype, device):
+    """``dtype`` as a torch dtype (or "auto"/None), refusing what the device cannot compute."""
+    if dtype is None or not isinstance(dtype, str):
+        dt = dtype
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise HeadsteerError(f"unknown dtype {dtype!r}: use fp32, bf16, fp16 or auto")
+    if dt == torch.bfloat16 and device is not None and torch.device(device).type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise HeadsteerError(f"{torch.cuda.get_device_name(device)} cannot compute in bf16: use --dtype fp16 (or fp32)")
+    return dt
+
+
+def _first_gpu(device_map):
+    return "cuda" if torch.cuda.is_available() and device_map not in ("cpu",) else None
 
 
 def read_json(path):

@@ -1,21 +1,36 @@
-"""Masks per second of the naive path (a full forward per mask) and the fast path (shared prefix,
-batch of masks over the text suffix), measured in one run, and their ratio.
+"""Masks per second of head-ablation paths, measured in one run on one model:
 
-    python scripts/bench_attribution.py                 # default model, CPU
-    python scripts/bench_attribution.py --llava7b-shape # random LLaVA-1.5-7B-shaped model (GPU, bf16)
+- naive: a full forward (vision tower included) per mask — the reference path;
+- peer: a batched full forward with the same ablation (what a generic intervention library does);
+- plain suffix: transformers' own forward of the same suffix tokens, no prefix, no intervention
+  (the speed of the model's own forward: the bound the fast path aims at);
+- fast: headsteer's shared-prefix engine;
+with the fast path's share of the FLOP bound and peak GPU memory on a GPU.
+
+    python scripts/bench_attribution.py                          # default model, CPU, fp32
+    python scripts/bench_attribution.py --model /tmp/llava7b --device cuda --dtype bf16
+    python scripts/bench_attribution.py --llava7b-shape          # in-memory random LLaVA-1.5-7B shape (GPU)
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import headsteer
-from headsteer.adapters import get_adapter
-from headsteer.attribution.engine import SuffixRunner, naive_logits
-from headsteer.attribution.regression import sample_masks
-from headsteer.baseline import ZeroBaseline, make_baseline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import headsteer  # noqa: E402
+from headsteer.adapters import get_adapter  # noqa: E402
+from headsteer.ask import default_image  # noqa: E402
+from headsteer.attribution.engine import SuffixRunner, naive_logits  # noqa: E402
+from headsteer.attribution.regression import sample_masks  # noqa: E402
+from headsteer.baseline import ZeroBaseline, make_baseline  # noqa: E402
+from headsteer.intervene import intervene  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sync(dev):
@@ -49,49 +64,87 @@ def llava7b_shaped(device, dtype, layers):
     return model, inputs
 
 
+def suffix_flops(model, ad, P, s) -> float:
+    """FLOPs per mask of the suffix-only forward: projections, MLP, attention over P+s keys, and
+    the LM head at the last position."""
+    tc = model.config.get_text_config()
+    d, I, V = tc.hidden_size, tc.intermediate_size, tc.vocab_size
+    qo = 2 * d * ad.num_heads * ad.head_dim
+    kv = 2 * d * ad.num_kv_heads * ad.head_dim
+    attn = 2 * 2 * ad.num_heads * ad.head_dim * (P + s)
+    per_tok = ad.num_layers * (2 * (qo + kv) + 2 * 3 * d * I + attn)
+    return per_tok * s + 2 * d * V
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="'default' or a checkpoint directory")
+    ap.add_argument("--llava7b-shape", action="store_true", help="in-memory random LLaVA-1.5-7B-shaped model instead of --model")
+    ap.add_argument("--layers", type=int, default=32, help="text layers of --llava7b-shape")
     ap.add_argument("--masks", type=int, default=256)
     ap.add_argument("--naive-masks", type=int, default=32, help="masks timed on the naive path (its cost is linear in M)")
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--llava7b-shape", action="store_true")
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--peer-batch", type=int, default=32, help="batch of the batched full forward (peer)")
+    ap.add_argument("--chunk", type=int, default=None, help="fast-path masks per batch (default: from free memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--baseline", default=None, help="mean / blank / zero (default: mean for the default model, else zero)")
     args = ap.parse_args()
     dev = args.device
+    dtype = DTYPES[args.dtype or ("bf16" if dev.startswith("cuda") else "fp32")]
+    if not dev.startswith("cuda"):
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.llava7b_shape:
-        model, inputs = llava7b_shaped(dev, torch.bfloat16, args.layers)
+        model, inputs = llava7b_shaped(dev, dtype, args.layers)
         ad = get_adapter(model)
+        name = f"random LLaVA-1.5-7B-shaped in memory ({args.layers} layers)"
         base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
-        name = f"random LLaVA-1.5-7B-shaped ({args.layers} layers x 32 heads, 576 image tokens, bf16)"
     else:
-        torch.set_num_threads(2)
-        model, proc = headsteer.load("default", device=dev)
+        model, proc = headsteer.load(args.model, device=dev, dtype=dtype)
         ad = get_adapter(model, proc)
-        from headsteer.ask import default_image
-
         inputs = ad.encode([default_image()], ["what shape is in the image?"])
-        base = make_baseline(model, proc, "mean")
-        name = "default model (easy-VQA LLaVA, 4 layers x 8 heads, 64 image tokens, fp32)"
-    masks = sample_masks(args.masks, ad.num_layers, ad.num_heads, 0.1, seed=0).to(dev)
+        name = f"{args.model} ({ad.model_type})"
+        kind = args.baseline or ("mean" if args.model == "default" else "zero")
+        base = make_baseline(model, proc, kind) if kind != "zero" else ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    masks = sample_masks(args.masks, ad.num_layers, ad.num_heads, 0.1, seed=0)
     T = inputs["input_ids"].shape[1]
     runner = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=args.chunk)
-    s = T - runner.P
-    t_naive = timed(lambda: naive_logits(model, None, inputs, masks[: args.naive_masks], base), dev) / args.naive_masks
-    t_fast = timed(lambda: SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=args.chunk)(masks), dev) / args.masks
-    print(f"model: {name}; device {dev}; prompt {T} tokens, suffix {s} tokens")
-    print(f"naive: {1 / t_naive:10.1f} masks/s  (full forward per mask, {args.naive_masks} masks timed)")
-    print(f"fast:  {1 / t_fast:10.1f} masks/s  ({args.masks} masks, chunk {args.chunk}, prefix computed once per prompt)")
-    print(f"ratio: {t_naive / t_fast:10.1f}x")
+    P, s = runner.P, T - runner.P
     if dev.startswith("cuda"):
-        tc = model.config.get_text_config()
-        d, L, V, I = tc.hidden_size, tc.num_hidden_layers, tc.vocab_size, tc.intermediate_size
-        P = runner.P
-        per_tok = L * (2 * (4 * d * d + 3 * d * I) + 4 * d * (P + s)) + 2 * d * V / s
-        flops = per_tok * s  # per mask
-        peak = float(__import__("os").environ.get("PEAK_TFLOPS", "989")) * 1e12
-        print(f"FLOP bound of the suffix-only forward: {flops / 1e9:.1f} GFLOP/mask -> {peak / flops:.0f} masks/s at "
-              f"{peak / 1e12:.0f} TFLOP/s; measured {flops / t_fast / 1e12:.1f} TFLOP/s ({(1 / t_fast) / (peak / flops):.1%} of bound)")
+        torch.cuda.reset_peak_memory_stats()
+    t_naive = timed(lambda: naive_logits(model, None, inputs, masks[: args.naive_masks], base), dev) / args.naive_masks
+
+    def peer():
+        B = args.peer_batch
+        batch = {k: (v.expand(B, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 else v) for k, v in inputs.items()}
+        with torch.no_grad(), intervene(model, ablate=masks[:B], baseline=base):
+            model(**batch, logits_to_keep=1)
+
+    t_peer = timed(peer, dev) / args.peer_batch if "image_grid_thw" not in inputs else float("nan")
+
+    def plain():
+        ids = runner.suffix.expand(runner.chunk, -1)
+        with torch.no_grad():
+            for _ in range(0, args.masks, runner.chunk):
+                model(input_ids=ids, logits_to_keep=1)
+
+    t_plain = timed(plain, dev) / args.masks
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t_fast = timed(lambda: runner(masks), dev) / args.masks
+    print(f"model: {name}; {ad.num_layers} layers x {ad.num_heads} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; "
+          f"prompt {T} tokens = prefix {P} (up to the last image token) + suffix {s}")
+    print(f"naive:        {1 / t_naive:10.1f} masks/s  (full forward per mask, {args.naive_masks} masks timed)")
+    print(f"peer:         {1 / t_peer:10.1f} masks/s  (batched full forward with the same ablation, batch {args.peer_batch})")
+    print(f"plain suffix: {1 / t_plain:10.1f} masks/s  (the model's own forward of the {s} suffix tokens, no prefix, batch {runner.chunk})")
+    print(f"fast:         {1 / t_fast:10.1f} masks/s  ({args.masks} masks, chunk {runner.chunk}, prefix computed once)")
+    print(f"fast / naive {t_naive / t_fast:.1f}x; fast / peer {t_peer / t_fast:.1f}x; fast / plain suffix {t_plain / t_fast:.2f}")
+    if dev.startswith("cuda"):
+        flops = suffix_flops(model, ad, P, s)
+        peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12
+        print(f"FLOP bound: {flops / 1e9:.1f} GFLOP/mask -> {peak / flops:.0f} masks/s at {peak / 1e12:.0f} TFLOP/s nominal; "
+              f"fast runs {flops / t_fast / 1e12:.1f} TFLOP/s ({(1 / t_fast) / (peak / flops):.1%} of the bound)")
+        print(f"peak GPU memory (fast path): {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB; "
+              f"GPU: {torch.cuda.get_device_name()}")
 
 
 if __name__ == "__main__":
