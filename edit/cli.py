@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import friendly, model_opt
+from headsteer.cli import friendly, load_options
 from headsteer.errors import HeadsteerError
 
 
@@ -36,13 +36,13 @@ def heads_options(f):
     f = click.option("--top-k", default=4, show_default=True, help="with --from-attribution: take its top K heads")(f)
     f = click.option("--seed", default=0, show_default=True)(f)
     f = click.option("--out", "out", required=True, help="edit manifest to write (JSON)")(f)
-    return model_opt(f)
+    return load_options(f)
 
 
-def _model_and_heads(model, heads, from_attribution, top_k, seed):
+def _model_and_heads(model, heads, from_attribution, top_k, seed, device=None, dtype=None, device_map=None):
     from headsteer import get_adapter, load
 
-    m, proc = load(model)
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
     return m, proc, hs, attrib
 
@@ -68,9 +68,9 @@ def edit():
 @heads_options
 @click.option("--factor", type=float, required=True, help="multiply the heads' outputs (0 = remove the heads, >1 amplify)")
 @friendly
-def scale(model, heads, from_attribution, top_k, seed, out, factor):
+def scale(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, factor):
     """Scale the heads' outputs (baked into o_proj columns on export)."""
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     _write(m, proc, "scale", hs, attrib, {"factor": factor}, out)
 
 
@@ -78,11 +78,11 @@ def scale(model, heads, from_attribution, top_k, seed, out, factor):
 @heads_options
 @click.option("--alpha", type=float, required=True, help="attention probability on image tokens x (1 + alpha), renormalised")
 @friendly
-def attn(model, heads, from_attribution, top_k, seed, out, alpha):
+def attn(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, alpha):
     """Scale the heads' attention to image tokens (at inference, also during generation)."""
     if alpha < -1:
         raise HeadsteerError("alpha must be >= -1 (alpha = -1 removes the attention to the image)")
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     _write(m, proc, "attn", hs, attrib, {"alpha": alpha}, out)
 
 
@@ -95,13 +95,13 @@ def attn(model, heads, from_attribution, top_k, seed, out, alpha):
 @click.option("--method", default="mean", type=click.Choice(["mean", "probe"]), show_default=True)
 @click.option("--strength", default=1.0, show_default=True, help="multiple of the vector added to each head's output")
 @friendly
-def steer(model, heads, from_attribution, top_k, seed, out, data, contrast, n, method, strength):
+def steer(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, data, contrast, n, method, strength):
     """Add a data-derived vector to the heads' outputs."""
     from headsteer.data import load_data
 
     from .steer import class_sets, real_vs_blank_sets, steering_vectors
 
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     ds = load_data(data, limit=None if contrast.startswith("classes:") else n * 2)
     if contrast == "real-vs-blank":
         a, b = real_vs_blank_sets(m, proc, ds, n)
@@ -126,7 +126,7 @@ def steer(model, heads, from_attribution, top_k, seed, out, data, contrast, n, m
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--limit", default=4000, show_default=True, help="training examples to draw from")
 @friendly
-def lora(model, heads, from_attribution, top_k, seed, out, data, task, steps, targets, rank, lr, batch_size, limit):
+def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, data, task, steps, targets, rank, lr, batch_size, limit):
     """Train a LoRA adapter restricted to the heads' q/k/v rows and o_proj columns."""
     from tqdm import tqdm
 
@@ -135,7 +135,7 @@ def lora(model, heads, from_attribution, top_k, seed, out, data, task, steps, ta
     from .lora import train_head_lora
     from .tasks import shifted
 
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed)
+    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     ds = shifted(load_data(data, limit=limit), task)
     adapter_dir = Path(out).with_suffix("").as_posix() + "_adapter"
     with tqdm(total=steps, desc="lora", unit="step") as bar:
@@ -148,19 +148,19 @@ def lora(model, heads, from_attribution, top_k, seed, out, data, task, steps, ta
 
 
 @click.command("export")
-@model_opt
+@load_options
 @click.option("--edit", "edit_path", required=True, help="edit manifest (JSON)")
 @click.option("--out", required=True, help="checkpoint directory to write")
 @click.option("--force", is_flag=True, help="replace a non-empty --out")
 @friendly
-def export_cmd(model, edit_path, out, force):
+def export_cmd(model, device, dtype, device_map, edit_path, out, force):
     """Write the edited model as a Hugging Face checkpoint."""
     from headsteer import load
 
     from .export import export
     from .manifest import EditManifest
 
-    m, proc = load(model)
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     r = export(m, proc, EditManifest.load(edit_path), out, force=force)
     how = "baked into the weights: loads in plain transformers" if r["baked"] else "saved with its manifest: load with headsteer.load_edited"
     click.echo(f"wrote {out} ({how})")

@@ -24,10 +24,10 @@ def top_answers(model, processor, image, question, top=3):
     return [(tok.decode([int(t)]).strip(), float(pp), float(logits[t])) for pp, t in zip(p, i)]
 
 
-def ask(model, image, question, edit_path=None, top=3, device=None):
+def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, device_map=None):
     from . import load
 
-    m, proc = load(model, device=device)
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     image = image or default_image()
     lines = [f"image     {image}", f"question  {question}"]
     base = top_answers(m, proc, image, question, top)

@@ -29,8 +29,18 @@ def qtype_filter(qtype, data):
 
 
 model_opt = click.option("--model", default="default", show_default=True, help="'default' (embedded easy-VQA LLaVA) or a local checkpoint directory")
-device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]), help="weights dtype")
+device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
+                         help="weights dtype (default: as saved in the checkpoint); attention arithmetic is fp32 whatever it is")
+device_map_opt = click.option("--device-map", default=None,
+                              help="'auto' spreads a model larger than one GPU over every GPU, then the CPU (accelerate)")
+
+
+def load_options(f):
+    """--model, --device, --dtype and --device-map: every command loads its model the same way."""
+    return model_opt(device_opt(dtype_opt(device_map_opt(f))))
+force_opt = click.option("--force", is_flag=True,
+                         help="--out holds another run: delete that run's own files (nothing else) and start over")
 
 
 class _Group(click.Group):
@@ -64,20 +74,20 @@ def main():
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from headsteer.eval.run import finish_processes
+    from .parallel import finish_processes
 
     click.get_current_context().call_on_close(finish_processes)
 
 
 @main.command()
-@model_opt
+@load_options
 @friendly
-def info(model):
+def info(model, device, dtype, device_map):
     """Architecture facts: layers, query/KV heads, image tokens per image."""
     from . import load
     from .adapters import get_adapter
 
-    m, proc = load(model)
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     ad = get_adapter(m, proc)
     click.echo(f"model       {model}")
     click.echo(f"family      {ad.model_type} ({type(m).__name__})")
@@ -88,18 +98,17 @@ def info(model):
 
 
 @main.command()
-@model_opt
+@load_options
 @click.option("--image", "image", default=None, help="image path (default: the first easy-VQA test image)")
 @click.option("--question", default="what color is the shape?", show_default=True)
 @click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
-@click.option("--top", default=3, show_default=True, help="how many candidate answers to show")
-@device_opt
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1, 100), help="how many candidate answers to show")
 @friendly
-def ask(model, image, question, edit_path, top, device):
+def ask(model, device, dtype, device_map, image, question, edit_path, top):
     """Answer one question about one image (and show an edit's effect)."""
     from .ask import ask as run_ask
 
-    for line in run_ask(model, image, question, edit_path=edit_path, top=top, device=device):
+    for line in run_ask(model, image, question, edit_path=edit_path, top=top, device=device, dtype=dtype, device_map=device_map):
         click.echo(line)
 
 
