@@ -1,9 +1,12 @@
 """``headsteer attribute``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from headsteer.cli import qtype_filter, device_opt, dtype_opt, friendly, model_opt
+from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt, qtype_filter
+from headsteer.parallel import process_shard
 
 
 @click.command()
@@ -20,11 +23,14 @@ from headsteer.cli import qtype_filter, device_opt, dtype_opt, friendly, model_o
 @click.option("--k-max", default=None, type=int, help="largest k of the top-k curves (default: a quarter of the heads, at most 16)")
 @click.option("--no-compare", is_flag=True, help="skip single-head / attention baselines and the top-k curves")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", default="runs/attribute", show_default=True, help="output directory (a rerun resumes)")
+@click.option("--out", default="runs/attribute", show_default=True,
+              help="output directory (a rerun of the same model, data and settings resumes)")
+@force_opt
 @device_opt
 @dtype_opt
 @friendly
-def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, method, n_eval, k_max, no_compare, seed, out, device, dtype):
+def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, method, n_eval, k_max, no_compare, seed, out, force,
+              device, dtype):
     """Rank heads by how much the answer depends on the image flowing through them (COAR)."""
     from tqdm import tqdm
 
@@ -40,15 +46,14 @@ def attribute(model, data, qtype, n_images, masks, alpha, baseline, statistic, m
     s = Settings(n_images=n_images, masks=masks, alpha=alpha, baseline=baseline, statistic=statistic, method=method,
                  seed=seed, compare=not no_compare)
     total = min(n_images, len(ds)) + (0 if no_compare else max(0, min(len(ds), n_images + n_eval) - n_images))
-    from headsteer.eval.run import process_shard
-
     rank, _ = process_shard()
     with tqdm(total=total, desc="attribute", unit="img", disable=rank > 0) as bar:
-        result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=bar.update)
+        result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=bar.update, force=force)
     if result is None:
         return
-    click.echo((__import__("pathlib").Path(out) / "summary.md").read_text())
-    click.echo(f"wrote {out}/: scores.safetensors heads.json heatmap.png" + ("" if no_compare else " topk_curve.png") + " summary.md")
+    click.echo((Path(out) / "summary.md").read_text())
+    click.echo(f"wrote {out}/: run.json per_image.jsonl scores.safetensors heads.json heatmap.png"
+               + (" topk_curve.png" if "topk_curves" in result else "") + " summary.md")
 
 
 from .flow_cli import flow  # noqa: E402

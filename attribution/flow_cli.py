@@ -1,13 +1,16 @@
 """``headsteer flow``."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, qtype_filter, friendly, model_opt
+from headsteer.cli import device_opt, force_opt, friendly, model_opt, qtype_filter
+from headsteer.files import write_json, write_text
+from headsteer.rundir import open_run, run_identity
+
+FLOW_OUTPUTS = ("flow.json", "flow.png", "summary.md")
 
 
 def heads_option_value(heads, from_attribution, top_k, ad):
@@ -53,10 +56,11 @@ def plot_flow(out: Path, flow: dict):
 @click.option("--top-k", default=4, show_default=True)
 @click.option("--measure", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
               help="relative change of the answer probability (Geva et al.) or logit (informative when p is saturated)")
-@click.option("--out", default="runs/flow", show_default=True)
+@click.option("--out", default="runs/flow", show_default=True, help="output directory (rewritten by a rerun of the same settings)")
+@force_opt
 @device_opt
 @friendly
-def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, device):
+def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force, device):
     """Attention knockout between token groups, layer window by layer window."""
     from tqdm import tqdm
 
@@ -69,19 +73,17 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
     ad = get_adapter(m, proc)
     ds = load_data(data, limit=n_images, qtypes=qtype_filter(qtype, data))
     hs = heads_option_value(heads, from_attribution, top_k, ad)
+    # flow does not resume, but refuses (before the work) a folder that holds another run
+    ident, info = run_identity("flow", m, proc, ds, n_images, {"spec": data},
+                               {"window": window, "heads": str(hs) if hs is not None else None, "measure": measure})
+    outp = open_run(out, ident, force=force, outputs=FLOW_OUTPUTS, info=info).path
     with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    tmp = outp / "flow.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, outp / "flow.json")
+    write_json(outp / "flow.json", result)
     plot_flow(outp, result)
     text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
                       f"Relative change of the answer {MEASURE_WORDS[measure]} when the edge is knocked out:", ""] + describe(result)) + "\n"
-    tmp = outp / "summary.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, outp / "summary.md")
+    write_text(outp / "summary.md", text)
     click.echo(text)
     click.echo(f"wrote {out}/: flow.json flow.png summary.md")
 

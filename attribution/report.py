@@ -3,29 +3,22 @@ summary.md. Every file is written to a temporary name first, then renamed."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from headsteer.files import save_figure, save_safetensors, write_json, write_text
+
 from .run import ranked_heads
 
 
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_scores(out: Path, rows, agg):
-    from safetensors.torch import save_file
-
     t = {"per_image": torch.tensor(np.array([r["scores"] for r in rows]), dtype=torch.float32)}
     for k in ("mean", "stderr", "topk_freq", "single", "attention"):
         if k in agg:
             t[k] = torch.tensor(agg[k], dtype=torch.float32)
-    _atomic(out / "scores.safetensors", lambda p: save_file(t, str(p), metadata={"format": "headsteer-attribution-v1"}))
+    save_safetensors(t, out / "scores.safetensors", metadata={"format": "headsteer-attribution-v1"})
 
 
 def load_scores(path) -> dict[str, torch.Tensor]:
@@ -63,7 +56,7 @@ def write_heads_json(out: Path, settings, baseline_desc, agg, curves=None, simil
         data["similarity"] = similarity
     if extra:
         data.update(extra)
-    _atomic(out / "heads.json", lambda p: p.write_text(json.dumps(data, indent=2)))
+    write_json(out / "heads.json", data)
     return data
 
 
@@ -84,7 +77,7 @@ def plot_heatmap(out: Path, scores: np.ndarray, title: str):
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="score (drop of the statistic when ablated)")
     fig.tight_layout()
-    _atomic(out / "heatmap.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    save_figure(fig, out / "heatmap.png")
     plt.close(fig)
 
 
@@ -106,7 +99,7 @@ def plot_curves(out: Path, curves: dict, stat_name: str):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    _atomic(out / "topk_curve.png", lambda p: fig.savefig(p, dpi=110, format="png"))
+    save_figure(fig, out / "topk_curve.png")
     plt.close(fig)
 
 
@@ -132,16 +125,20 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
         lines.append(row)
     if "topk_curves" in data:
         c = data["topk_curves"]
-        lines += ["", "## Top-k ablation (held-out images)", "", "| k | " + " | ".join(f"{n} acc" for n in c) + " |",
+        lines += ["", f"## Top-k ablation ({data.get('held_out', {}).get('n_images', '?')} held-out images)", "", "| k | " + " | ".join(f"{n} acc" for n in c) + " |",
                   "|---|" + "---|" * len(c)]
         for k in c[next(iter(c))]["k"]:
             lines.append(f"| {k} | " + " | ".join(f"{c[n]['accuracy'][k]:.3f}" for n in c) + " |")
         if "comparison" in data:
             lines += ["", data["comparison"]]
+    elif "note" in data.get("held_out", {}):
+        lines += ["", "## Top-k ablation", "",
+                  "Not computed: 0 held-out images (the curves never reuse the attributed ones); pass --n-eval N "
+                  "with data beyond the attributed images."]
     if "similarity" in data:
         lines += ["", "## Same class vs same appearance (cosine of per-image score vectors)", ""]
         for k, v in data["similarity"].items():
             lines.append(f"- {k.replace('_', ' ')}: cosine {v['cosine']:.3f}, Spearman {v['spearman']:.3f} ({v['pairs']} pairs)")
     text = "\n".join(lines) + "\n"
-    _atomic(out / "summary.md", lambda p: p.write_text(text))
+    write_text(out / "summary.md", text)
     return text

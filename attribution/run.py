@@ -3,19 +3,17 @@ interrupted run resumes), the paper's baselines (single-head ablation, attention
 aggregation over images and classes."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from headsteer.adapters import get_adapter
-from headsteer.errors import HeadsteerError
 from headsteer.intervene import Recorder, intervene
+from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
+from headsteer.rundir import open_run, run_identity
 
 from .engine import NO_FAST_PATH, SuffixRunner, as_baseline, naive_logits
 from .regression import fit, sample_masks, statistic
@@ -32,8 +30,13 @@ class Settings:
     seed: int = 0
     compare: bool = True  # single-head ablation and attention-weight scores too
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+# what ``headsteer attribute`` writes in its folder (the only files --force deletes)
+OUTPUTS = ("per_image.jsonl", "scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "summary.md")
+
+
+def outputs(world: int) -> list[str]:
+    return [*OUTPUTS, *(f"per_image.rank{r}.jsonl" for r in range(world) if world > 1)]
 
 
 def candidate_ids(ad, answers) -> list[int]:
@@ -90,30 +93,22 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
     return row
 
 
-def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None) -> list[dict]:
+def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None, force: bool = False,
+                    data_spec: dict | None = None) -> list[dict]:
     """Per-image attribution of ``dataset`` rows 0..n_images-1; rows are appended to
-    ``out_dir/per_image.jsonl`` as they finish, and a rerun with the same settings resumes.
-    Under ``accelerate launch`` each process takes every world-th image and all rows are gathered."""
+    ``out_dir/per_image.jsonl`` as they finish, and a rerun of the same identity (weights,
+    processor, data rows, dtype, settings, baseline: see ``headsteer.rundir``) resumes; a folder of
+    another identity is refused unless ``force``. ``data_spec``: what else identifies the data
+    (kept in run.json). Under ``accelerate launch`` each process takes every world-th image and
+    all rows are gathered."""
     ad = get_adapter(model, processor)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path = out / "settings.json"  # written by every process alike: same content
-    meta = {**asdict(settings), "key": settings.key(), "model": str(getattr(model, "name_or_path", ""))}
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("key") != meta["key"]:
-            raise HeadsteerError(f"{out} holds a run with other settings ({old.get('key')}); use another --out or delete it")
-    else:
-        tmp = meta_path.with_name(f"settings.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
-    from headsteer.eval.run import gather_rows, process_shard
-
     rank, world = process_shard()
-    rows_path = out / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
-    rows = resume_rows(rows_path)
     n = min(settings.n_images, len(dataset))
     base = as_baseline(model, processor, settings.baseline, dataset)
+    ident, info = run_identity("attribute", model, processor, dataset, n, data_spec, asdict(settings), baseline=base)
+    run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
+    rows_path = run / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
+    rows = resume_rows(rows_path)
     cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None
     todo = [i for i in range(rank, n, world) if i not in rows]
     with open(rows_path, "a") as f:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
 from headsteer.errors import HeadsteerError
+from headsteer.files import save_safetensors, write_json
 from headsteer.heads import HeadSet
 
 KINDS = ("scale", "attn", "steer", "lora")
@@ -50,19 +50,11 @@ class EditManifest:
 
     def save(self, path) -> Path:
         """Write the manifest (and its tensors beside it) atomically."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if self._tensors:
             self.tensors = path.stem + ".tensors.safetensors"
-            tmp = path.parent / (self.tensors + ".tmp")
-            save_file(self._tensors, str(tmp))
-            os.replace(tmp, path.parent / self.tensors)
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=2))
-        os.replace(tmp, path)
+            save_safetensors(self._tensors, path.parent / self.tensors)
+        write_json(path, {k: v for k, v in asdict(self).items() if not k.startswith("_")})
         return path
 
     @classmethod

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, dtype_opt, friendly, model_opt
+from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt
 from headsteer.errors import HeadsteerError
+from headsteer.files import write_json, write_text
+from headsteer.parallel import process_shard
 
 
 def data_options(f):
@@ -44,10 +45,25 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     return m, proc, ds, hs
 
 
-def _write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def edit_names(paths) -> list[str]:
+    """Distinct table names for edit files: the file's stem, or as much of its path as tells it
+    apart from the others (two ``a.json`` in different folders), never the reference's name."""
+    levels = [[Path(p).stem, Path(p).with_suffix("").as_posix(), Path(p).as_posix()] for p in paths]
+    names = [lv[0] for lv in levels]
+    for depth in (1, 2):
+        clash = {n for n in names if names.count(n) > 1 or n == "unedited"}
+        names = [lv[depth] if n in clash else n for n, lv in zip(names, levels)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:  # the same file given twice, or "unedited" with no folder to tell it apart
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 and n != "unedited" else f"{n} #{seen[n]}")
+    return out
+
+
+def _data_spec(data, task) -> dict:
+    # kept in run.json for people; the identity compares the rows' content, whatever named them
+    return {"spec": data, "task": task}
 
 
 @click.command("eval")
@@ -56,24 +72,26 @@ def _write(path: Path, text: str):
 @click.option("--metrics", default="accuracy,transfer", show_default=True)
 @click.option("--mode", default="closed", type=click.Choice(["closed", "open"]), show_default=True,
               help="closed: argmax over the data set's answers; open: greedy generation")
-@click.option("--out", default="runs/eval", show_default=True)
+@click.option("--out", default="runs/eval", show_default=True,
+              help="output directory (a rerun of the same model, data, edit and settings resumes)")
+@force_opt
 @friendly
 def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
-             edit_path, metrics, mode, out):
+             edit_path, metrics, mode, out, force):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
     from tqdm import tqdm
 
     from headsteer.edit import EditManifest
 
     from .benchmarks import pope_metrics
-    from .run import evaluate, process_shard, summary
+    from .run import evaluate, summary
 
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
     edit = EditManifest.load(edit_path) if edit_path else None
     rank, world = process_shard()
     with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
         rows = evaluate(m, proc, ds, tuple(metrics.split(",")), edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
-                        top_heads=hs, out_dir=out, progress=bar.update)
+                        top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task))
     if rank != 0:
         return
     s = summary(rows)
@@ -82,10 +100,9 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     s["edit"] = edit.describe() if edit else None
     s["data"], s["task"], s["processes"] = data, task, world
     outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    _write(outp / "summary.json", json.dumps(s, indent=2))
+    write_json(outp / "summary.json", s)
     if world > 1:
-        _write(outp / "per_example.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(outp / "per_example.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     click.echo(json.dumps({k: v for k, v in s.items() if k != "attn_to_image_per_layer"}, indent=2))
 
 
@@ -94,10 +111,12 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
 @click.option("--edits", "edit_paths", multiple=True, help="edit manifests: --edits a.json b.json c.json")
 @click.argument("more_edits", nargs=-1)
 @click.option("--metrics", default="accuracy,transfer", show_default=True)
-@click.option("--out", default="runs/compare", show_default=True)
+@click.option("--out", default="runs/compare", show_default=True,
+              help="output directory (each edit's evaluation resumes from its own sub-folder)")
+@force_opt
 @friendly
 def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
-            edit_paths, more_edits, metrics, out):
+            edit_paths, more_edits, metrics, out, force):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
     from tqdm import tqdm
 
@@ -111,11 +130,11 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     if not paths:
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
-    edits = {Path(p).stem: EditManifest.load(p) for p in paths}
+    edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))
     n = min(limit, len(ds))
     with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
         rows = run_compare(m, proc, ds, edits, out, tuple(metrics.split(",")), attribution, batch_size, baseline, hs,
-                           progress=bar.update, limit=limit)
+                           progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task))
     click.echo(markdown(rows))
     click.echo(f"wrote {out}/: compare.md compare.csv compare.png report.html")
 

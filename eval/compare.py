@@ -5,14 +5,21 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
-import os
+import re
 from pathlib import Path
 
 import numpy as np
 
+from headsteer.errors import HeadsteerError
+from headsteer.files import atomic_path, save_figure, write_text
+from headsteer.fingerprint import edit_fingerprint
+from headsteer.rundir import open_run, run_identity
+
 from .run import evaluate, summary
+
+REFERENCE = "unedited"
+OUTPUTS = ("compare.md", "compare.csv", "compare.png", "report.html")  # besides the sub-runs under runs/
 
 
 def paired_p(a_rows, b_rows) -> float:
@@ -76,12 +83,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def bar_plot(rows, path: Path):
     import matplotlib
 
@@ -101,13 +102,9 @@ def bar_plot(rows, path: Path):
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_title(m.replace("_", " "))
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    png = save_figure(fig, path)
     plt.close(fig)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return buf.getvalue()
+    return png
 
 
 def html_report(rows, plot_png: bytes, heatmap: Path | None, title: str, settings: dict) -> str:
@@ -128,26 +125,43 @@ def html_report(rows, plot_png: bytes, heatmap: Path | None, title: str, setting
     return "".join(parts)
 
 
+def subrun_name(name: str, edit) -> str:
+    """The sub-folder of one evaluation: by the edit's content, so equal names never share one."""
+    if edit is None:
+        return f"runs/{REFERENCE}"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "edit"
+    return f"runs/{safe}-{edit_fingerprint(edit)[:12]}"
+
+
 def compare(model, processor, dataset, edits: dict, out_dir, metrics=("accuracy", "transfer"), attribution=None,
-            batch_size=16, baseline="mean", top_heads=None, progress=None, limit=None) -> list[dict]:
-    """``edits``: name -> EditManifest (the unedited model is added first as 'unedited')."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+            batch_size=16, baseline="mean", top_heads=None, progress=None, limit=None, force: bool = False,
+            data_spec: dict | None = None) -> list[dict]:
+    """``edits``: name -> EditManifest (the unedited model is added first as 'unedited'). Each
+    evaluation is a run of its own under ``out_dir/runs/`` (resumed when its identity matches);
+    ``out_dir`` itself holds the comparison of this call's edits."""
+    if REFERENCE in edits:
+        raise HeadsteerError(f"an edit is named {REFERENCE!r}, the name of the reference (the unedited model): rename it")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    runs = {name: subrun_name(name, edit) for name, edit in [(REFERENCE, None), *edits.items()]}
+    settings = {"metrics": sorted(metrics), "baseline": baseline if isinstance(baseline, str) else baseline.describe(),
+                "top_heads": str(top_heads) if top_heads is not None else None}
+    ident, info = run_identity("compare", model, processor, dataset, n, data_spec, settings)
+    info["edits"] = {name: e.describe() for name, e in edits.items()}
+    out = open_run(out_dir, ident, force=force, outputs=[*OUTPUTS, *runs.values()], info=info).path
     results = {}
-    for name, edit in [("unedited", None)] + list(edits.items()):
+    for name, edit in [(REFERENCE, None), *edits.items()]:
         results[name] = evaluate(model, processor, dataset, metrics, edit=edit, batch_size=batch_size, baseline=baseline,
-                                 top_heads=top_heads, out_dir=out / "runs" / name, progress=progress, limit=limit)
+                                 top_heads=top_heads, out_dir=out / runs[name], progress=progress, limit=limit,
+                                 data_spec=data_spec)
     rows = table_rows(results)
-    _atomic_text(out / "compare.md", markdown(rows))
-    tmp = out / "compare.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    write_text(out / "compare.md", markdown(rows))
+    with atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / "compare.csv")
     png = bar_plot(rows, out / "compare.png")
     settings = {"edits": {n: e.describe() for n, e in edits.items()}, "metrics": list(metrics), "n": rows[0]["n"],
                 "baseline": baseline, "top_heads": str(top_heads) if top_heads is not None else None}
     hm = Path(attribution) / "heatmap.png" if attribution else None
-    _atomic_text(out / "report.html", html_report(rows, png, hm, "headsteer compare", settings))
+    write_text(out / "report.html", html_report(rows, png, hm, "headsteer compare", settings))
     return rows

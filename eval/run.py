@@ -4,18 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 
 from headsteer.errors import HeadsteerError
-
+from headsteer.fingerprint import rows_fingerprint
+from headsteer.parallel import finish_processes, gather_rows, process_shard  # noqa: F401  (were defined here)
 from headsteer.rows import resume_rows
+from headsteer.rundir import open_run, run_identity
 
 from .accuracy import predict_closed, predict_open, soft_accuracy, summarize
 
 METRICS = ("accuracy", "transfer")
+OUTPUTS = ("per_example.jsonl", "summary.json")  # what ``headsteer eval`` writes (the only files --force deletes)
+
+
+def outputs(world: int) -> list[str]:
+    return [*OUTPUTS, *(f"per_example.rank{r}.jsonl" for r in range(world) if world > 1)]
+
+
+def eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec=None):
+    """(identity, info) of an evaluation: what its rows depend on (``headsteer.rundir``)."""
+    settings = {"metrics": sorted(metrics), "mode": mode,
+                "candidates": sorted(set(dataset["answer"])) if mode == "closed" else None}
+    if "transfer" in metrics:
+        settings["top_heads"] = str(top_heads) if top_heads is not None else None
+        if isinstance(baseline, str) and baseline == "mean" and "image" in dataset.column_names:
+            # a mean baseline is built from the data's first images (see headsteer.baseline.as_baseline)
+            settings["baseline_reference_rows"] = rows_fingerprint(dataset.select_columns(["image"]), 256)
+    base = (baseline.describe() if hasattr(baseline, "describe") else baseline) if "transfer" in metrics else None
+    return run_identity("eval", model, processor, dataset, n, data_spec, settings, edit=edit, baseline=base)
 
 
 def _edit_context(model, processor, edit):
@@ -26,38 +44,13 @@ def _edit_context(model, processor, edit):
     return apply_edit(model, edit, processor)
 
 
-def process_shard():
-    """(index, count) of this process under ``accelerate launch`` (0, 1 otherwise)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        st = PartialState(cpu=not torch.cuda.is_available())  # gloo on CPU-only machines
-        return st.process_index, st.num_processes
-    return 0, 1
-
-
-def finish_processes():
-    """Wait for every process, then close the process group: a rank that exits while another is
-    still writing outputs tears gloo down under it (SIGABRT, "terminate called ...")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def gather_rows(rows: list[dict]) -> list[dict]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate.utils import gather_object
-
-        rows = gather_object(rows)
-    return sorted(rows, key=lambda r: r["index"])
-
-
 def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_size: int = 16, mode: str = "closed",
-             baseline="mean", top_heads=None, out_dir=None, progress=None, limit: int | None = None) -> list[dict]:
-    """Per-example rows (index, qtype, prediction, correct/score, transfer metrics)."""
+             baseline="mean", top_heads=None, out_dir=None, progress=None, limit: int | None = None, force: bool = False,
+             data_spec: dict | None = None) -> list[dict]:
+    """Per-example rows (index, qtype, prediction, correct/score, transfer metrics). With ``out_dir``
+    rows are appended there as they finish and a rerun of the same identity (model, processor, data
+    rows, edit, metrics ...: ``headsteer.rundir``) resumes; a folder of another identity is refused
+    unless ``force``. ``data_spec``: what else identifies the data (kept in run.json)."""
     bad = set(metrics) - set(METRICS)
     if bad:
         raise HeadsteerError(f"unknown metric(s) {', '.join(sorted(bad))}: use {', '.join(METRICS)}")
@@ -67,8 +60,9 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     done = {}
     path = None
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(out_dir) / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
+        ident, info = eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec)
+        run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
+        path = run / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
         done = resume_rows(path)
     todo = [i for i in mine if i not in done]
     candidates = sorted(set(dataset["answer"])) if mode == "closed" else None

@@ -126,7 +126,9 @@ def processor_fingerprint(processor) -> str:
     tok = getattr(processor, "tokenizer", processor)
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        parts.append(backend.to_str())
+        # padding/truncation are per-call state the tokenizer keeps from its last batch
+        tj = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        parts.append(json.dumps(tj, sort_keys=True))
     elif hasattr(tok, "get_vocab"):
         parts.append(json.dumps(sorted(tok.get_vocab().items())))
         parts.append(json.dumps(getattr(tok, "special_tokens_map", {}), sort_keys=True, default=str))

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import write_text
 
 
 def resume_rows(path: Path, key: str = "index") -> dict:
@@ -18,7 +19,5 @@ def resume_rows(path: Path, key: str = "index") -> dict:
         except json.JSONDecodeError:
             break
         rows[r[key]] = r
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
     return rows

@@ -28,19 +28,18 @@ def identity_hash(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_identity(dataset, n: int | None = None, extra: dict | None = None) -> dict:
-    """The rows a run reads: their count and content, and where they came from when the loader
-    recorded it (spec, split, question types) and nothing has transformed them since."""
+def data_identity(dataset, n: int | None = None) -> dict:
+    """The rows a run reads: their count and content (exact, whatever loaded or transformed them),
+    and where they came from when the loader recorded it (spec, split, question types) and nothing
+    has transformed them since — so that a refusal can say "qtypes" rather than only "content"."""
     n = len(dataset) if n is None else min(n, len(dataset))
-    d = dict(data_origin(dataset) or {})
-    d.update(extra or {})
-    d.update(rows=n, content=rows_fingerprint(dataset, n))
-    return d
+    return {**(data_origin(dataset) or {}), "rows": n, "content": rows_fingerprint(dataset, n)}
 
 
-def run_identity(command: str, model=None, processor=None, dataset=None, n: int | None = None, data_extra=None,
+def run_identity(command: str, model=None, processor=None, dataset=None, n: int | None = None, data_spec=None,
                  settings: dict | None = None, edit=None, baseline=None) -> tuple[dict, dict]:
-    """(identity, info): the identity is hashed; info is kept beside it for people (paths, times)."""
+    """(identity, info): the identity is hashed; info is kept beside it for people (model path,
+    time, ``data_spec`` — how the caller named the data, e.g. the --data text)."""
     ident = {"command": command, "headsteer": headsteer.__version__}
     info = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if model is not None:
@@ -52,7 +51,9 @@ def run_identity(command: str, model=None, processor=None, dataset=None, n: int 
     if model is not None or processor is not None:
         ident["processor"] = processor_fingerprint(processor)
     if dataset is not None:
-        ident["data"] = data_identity(dataset, n, data_extra)
+        ident["data"] = data_identity(dataset, n)
+    if data_spec is not None:
+        info["data"] = data_spec
     if settings is not None:
         ident["settings"] = settings
     ident["edit"] = edit_fingerprint(edit)
