@@ -7,27 +7,12 @@ import click
 
 from headsteer.cli import friendly, load_options
 from headsteer.errors import HeadsteerError
+from headsteer.heads import select_heads
 
 
 def resolve_heads(ad, heads, from_attribution, top_k, seed=0):
-    """--heads, --from-attribution DIR --top-k K, or --random-k K."""
-    from headsteer.heads import HeadSet
-
-    if heads and from_attribution:
-        raise HeadsteerError("give either --heads or --from-attribution, not both")
-    if heads:
-        if heads.startswith("random:"):
-            import numpy as np
-
-            k = int(heads.split(":", 1)[1])
-            idx = np.random.default_rng(seed).choice(ad.num_layers * ad.num_heads, size=k, replace=False)
-            return HeadSet((int(i // ad.num_heads), int(i % ad.num_heads)) for i in idx), None
-        return HeadSet.parse(heads, ad.num_layers, ad.num_heads), None
-    if from_attribution:
-        from headsteer.heads import top_heads
-
-        return top_heads(from_attribution, top_k, ad.num_layers, ad.num_heads), {"run": str(from_attribution), "top_k": top_k}
-    raise HeadsteerError("say which heads: --heads L2H0-3 (or random:K), or --from-attribution DIR --top-k K")
+    """--heads, --from-attribution DIR --top-k K (see ``headsteer.heads.select_heads``)."""
+    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads, seed=seed)
 
 
 def heads_options(f):

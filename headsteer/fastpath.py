@@ -56,7 +56,7 @@ class Prefix:
         idx = image_positions.nonzero().squeeze(-1)
         self.n_img = len(idx)
         contiguous = self.n_img > 0 and int(idx[-1] - idx[0]) + 1 == self.n_img
-        self.img = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx.to(cache.layers[0].keys.device)
+        self.img = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx.cpu()  # CPU indices serve any device
         self._kv = [None] * len(cache.layers)
 
     def kv(self, layer):

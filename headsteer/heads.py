@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .errors import HeadsteerError
@@ -191,9 +193,40 @@ class HeadSet:
 
 def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None) -> HeadSet:
     """The ``k`` highest-ranked heads of a ``headsteer attribute`` run directory."""
-    from pathlib import Path
-
-    from .load import read_json
-
-    ranked = read_json(Path(run_dir) / "heads.json")["heads"]
+    path = Path(run_dir) / "heads.json"
+    try:
+        ranked = json.loads(path.read_text())["heads"]
+    except FileNotFoundError:
+        raise HeadsteerError(f"{run_dir} is not an attribution run (no heads.json): give the --out of `headsteer attribute`") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise HeadsteerError(f"{path} is not a headsteer heads.json (rerun `headsteer attribute`)") from None
+    if not isinstance(k, int) or k < 1 or k > len(ranked):
+        raise HeadsteerError(f"--top-k must be between 1 and {len(ranked)} (the heads ranked in {run_dir}); got {k}")
     return HeadSet.parse(",".join(r["head"] for r in ranked[:k]), num_layers, num_heads)
+
+
+def random_heads(k: int, num_layers: int, num_heads: int, seed: int = 0) -> HeadSet:
+    """``k`` heads drawn uniformly without replacement (seeded)."""
+    n = num_layers * num_heads
+    if not 1 <= k <= n:
+        raise HeadsteerError(f"random:K needs 1 <= K <= {n} (the model's heads); got {k}")
+    idx = np.random.default_rng(seed).choice(n, size=k, replace=False)
+    return HeadSet((int(i // num_heads), int(i % num_heads)) for i in idx)
+
+
+def select_heads(heads: str | None, from_attribution=None, top_k: int = 4, *, num_layers: int, num_heads: int,
+                 seed: int = 0) -> tuple[HeadSet, dict | None]:
+    """The heads a command acts on: ``heads`` text (``L2H0-3``, ``random:K``) or the top ``top_k``
+    of an attribution run. Returns the HeadSet and, for an attribution, where it came from."""
+    if heads and from_attribution:
+        raise HeadsteerError("give either --heads or --from-attribution, not both")
+    if heads:
+        if heads.startswith("random:"):
+            k = heads.split(":", 1)[1]
+            if not k.strip().lstrip("-").isdigit():
+                raise HeadsteerError(f"random:K takes a whole number of heads, e.g. random:4; got {heads!r}")
+            return random_heads(int(k), num_layers, num_heads, seed), None
+        return HeadSet.parse(heads, num_layers, num_heads), None
+    if from_attribution:
+        return top_heads(from_attribution, top_k, num_layers, num_heads), {"run": str(from_attribution), "top_k": top_k}
+    raise HeadsteerError("say which heads: --heads L2H0-3 (or random:K), or --from-attribution DIR --top-k K")

@@ -42,3 +42,30 @@ def test_json_round_trip():
     hs = HeadSet.parse("L0H1,L3H2-4")
     assert HeadSet.from_json(hs.to_json()) == hs
     assert HeadSet.from_json({"heads": [[0, 1], [3, 2]]}) == HeadSet.parse("L0H1,L3H2")
+
+
+@pytest.mark.parametrize("text", ["random:999", "random:x", "random:-1", "random:0"])
+def test_bad_random_heads_are_one_line_errors(text):
+    from headsteer.heads import select_heads
+
+    with pytest.raises(HeadsteerError, match="random:K"):
+        select_heads(text, num_layers=4, num_heads=8)
+
+
+def test_random_heads_are_seeded_and_distinct():
+    from headsteer.heads import select_heads
+
+    a, _ = select_heads("random:5", num_layers=4, num_heads=8, seed=3)
+    b, _ = select_heads("random:5", num_layers=4, num_heads=8, seed=3)
+    assert a == b and len(a) == 5
+
+
+@pytest.mark.parametrize("k", [0, -1, 33])
+def test_top_k_out_of_range(tmp_path, k):
+    import json
+
+    from headsteer.heads import top_heads
+
+    (tmp_path / "heads.json").write_text(json.dumps({"heads": [{"head": f"L{l}H{h}"} for l in range(4) for h in range(8)]}))
+    with pytest.raises(HeadsteerError, match="--top-k must be between 1 and 32"):
+        top_heads(tmp_path, k)
