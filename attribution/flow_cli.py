@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from headsteer.heads import select_heads
 from headsteer.cli import device_opt, force_opt, friendly, model_opt, qtype_filter
 from headsteer.files import write_json, write_text
 from headsteer.rundir import open_run, run_identity
@@ -16,9 +17,7 @@ FLOW_OUTPUTS = ("flow.json", "flow.png", "summary.md")
 def heads_option_value(heads, from_attribution, top_k, ad):
     if not heads and not from_attribution:
         return None
-    from headsteer.edit.cli import resolve_heads
-
-    return resolve_heads(ad, heads, from_attribution, top_k)[0]
+    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads)[0]
 
 
 def plot_flow(out: Path, flow: dict):
