@@ -136,7 +136,12 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
                 write_json(folder / RUN_FILE, {**rec, "written": written})
             return True
         if not force:
-            what = ", ".join(_differences(rec.get("identity", {}), identity)) or "identity"
+            old = rec.get("identity", {})
+            if old.get("command") != identity.get("command"):
+                what = f"command: it is a `headsteer {old.get('command')}` run"
+            else:
+                diff = _differences(old, identity)
+                what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
             raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
                                  "over or choose another --out")
         _remove_written(folder, rec)

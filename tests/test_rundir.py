@@ -224,3 +224,16 @@ def test_atomic_files_get_the_umask_permissions(tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.safetensors", "a.txt"]
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
+
+
+def test_cli_flow_refuses_another_runs_folder_and_reruns_its_own(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["attribute", "--n-images", "2", "--masks", "8", "--no-compare", "--baseline", "zero",
+                                     "--out", str(out)]).exit_code == 0
+    flow = ["flow", "--n-images", "1", "--window", "4"]
+    r = CliRunner().invoke(main, [*flow, "--out", str(out)])
+    assert r.exit_code == 1 and "differs in: command" in r.output and (out / "per_image.jsonl").exists()
+    for _ in range(2):  # flow does not resume, and its own folder is not "another run"
+        r = CliRunner().invoke(main, [*flow, "--out", str(tmp_path / "flow")])
+        assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "flow" / "run.json").read_text())["identity"]["command"] == "flow"
