@@ -1,54 +1,150 @@
-"""VQA scoring: closed-vocabulary (argmax over the candidate answers' first tokens) or open
-(greedy generation, VQAv2 normalisation, soft accuracy), per question type, bootstrap CIs."""
+"""VQA scoring: closed vocabulary (the candidate answer the model finds most likely) or open
+(greedy generation, official VQAv2 normalisation and accuracy), per question type, bootstrap CIs."""
 from __future__ import annotations
 
-import re
+import copy
 
 import numpy as np
 import torch
+from scipy import stats
 
 from headsteer.adapters import get_adapter
+from headsteer.errors import HeadsteerError
 
-_ARTICLES = {"a", "an", "the"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:.']")
-
-
-def normalize_answer(s: str) -> str:
-    """VQAv2-style: lower-case, drop punctuation and articles, number words to digits."""
-    s = _PUNCT.sub(" ", s.lower().strip())
-    words = [_NUMBERS.get(w, w) for w in s.split() if w not in _ARTICLES]
-    return " ".join(words)
+from .vqa_answers import normalize_answer, vqa_accuracy
 
 
 def soft_accuracy(pred: str, answers) -> float:
-    """VQAv2 accuracy: min(1, matching human answers / 3); exact match when one reference."""
-    p = normalize_answer(pred)
-    refs = [normalize_answer(a) for a in answers]
-    if len(refs) <= 1:
-        return float(bool(refs) and p == refs[0])
-    return min(1.0, sum(r == p for r in refs) / 3.0)
+    """Official VQAv2 accuracy over the reference answers (exact match with one reference)."""
+    return vqa_accuracy(pred, answers)
 
 
 def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """BCa bootstrap interval of the mean (scipy.stats.bootstrap)."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    if len(v) < 2 or np.ptp(v) == 0:
+        # Every resample has the same mean, so BCa's acceleration is 0/0 and scipy returns NaN:
+        # the interval of a constant sample is its value.
+        return (float(v[0]), float(v[0]))
+    ci = None
+    for method in ("BCa", "percentile"):  # BCa can still be NaN on nearly constant samples
+        res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method=method,
+                              rng=np.random.default_rng(seed), batch=100, vectorized=True)
+        ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+        if np.isfinite(ci).all():
+            break
+    return ci
+
+
+def answer_token_ids(ad, answer: str, question: str = "what is in the image?") -> list[int]:
+    """Token ids of the whole answer as the model would emit it right after the prompt (the first
+    is ``ad.answer_token_id``)."""
+    tok = ad.processor.tokenizer
+    prompt = ad.prompt(question).replace(getattr(ad.processor, "image_token", "<image>"), "")
+    sep = "" if prompt[-1:].isspace() else " "
+    base = tok(prompt, add_special_tokens=False).input_ids
+    full = tok(prompt + sep + answer, add_special_tokens=False).input_ids
+    ids = full[len(base):] if len(full) > len(base) and full[: len(base)] == base else \
+        tok(sep + answer, add_special_tokens=False).input_ids
+    if not ids:
+        raise HeadsteerError(f"answer {answer!r} has no tokens")
+    return ids
+
+
+def single_token_ids(seqs: list[list[int]]) -> list[int] | None:
+    """The candidates' token ids when each is one token and no two share it (the first token then
+    decides the answer), else None."""
+    firsts = [x[0] for x in seqs]
+    return firsts if all(len(x) == 1 for x in seqs) and len(set(firsts)) == len(firsts) else None
+
+
+def candidate_token_ids(model, processor, candidates: list[str], question: str) -> list[list[int]]:
+    """Each candidate's whole token sequence after the prompt (checked: they can be told apart)."""
+    return _candidate_ids(get_adapter(model, processor), model, processor, candidates, question)[0]
+
+
+def _end_ids(model, processor) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = processor.tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _candidate_ids(ad, model, processor, candidates, question):
+    seqs = [answer_token_ids(ad, c, question) for c in candidates]
+    end = _end_ids(model, processor)
+    if not end:
+        for i, a in enumerate(seqs):
+            for j, b in enumerate(seqs):
+                if i != j and len(a) < len(b) and b[: len(a)] == a:
+                    raise HeadsteerError(f"candidates {candidates[i]!r} and {candidates[j]!r} share their first tokens and "
+                                         "the model has no end-of-sequence token to tell them apart; drop one of them")
+    return seqs, end
 
 
 @torch.no_grad()
-def predict_closed(model, processor, images, questions, candidates: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Argmax over the candidate answers' first tokens; also the full last-position logits."""
+def _sequence_scores(model, processor, images, questions, seqs, end, chunk):
+    """[B, C] log p(answer tokens, end | prompt) by teacher forcing: each prompt runs once, and
+    its KV cache is shared by a batch of candidate continuations."""
     ad = get_adapter(model, processor)
-    ids = [ad.answer_token_id(c, questions[0]) for c in candidates]
-    logits = model(**ad.encode(images, questions), logits_to_keep=1).logits[:, -1].float()
-    best = logits[:, ids].argmax(-1).tolist()
-    return [candidates[b] for b in best], logits
+    scores, last = [], []
+    for image, question in zip(images, questions):
+        inputs = ad.encode([image], [question])  # one prompt: no padding, so positions continue plainly
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        first = out.logits[0, -1].float().log_softmax(-1)
+        last.append(out.logits[0, -1].float())
+        dev = first.device
+        row = []
+        for s in range(0, len(seqs), chunk):
+            part = seqs[s : s + chunk]
+            n, width = len(part), max(len(x) for x in part)
+            lengths = torch.tensor([len(x) for x in part], device=dev)
+            ids = torch.zeros(n, width, dtype=torch.long, device=dev)
+            for i, x in enumerate(part):
+                ids[i, : len(x)] = torch.tensor(x, device=dev)
+            cache = copy.deepcopy(out.cache)
+            cache.batch_repeat_interleave(n)
+            # No attention mask: the prompt has no padding and the candidates' right padding comes
+            # after all their real tokens, which are causal. (A full-length mask would also make
+            # Qwen-VL recompute its 3D positions for the whole sequence.)
+            lp = model(input_ids=ids, cache=cache, use_cache=True).logits.float().log_softmax(-1)
+            # position j predicts token j + 1; the last real position predicts the end
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            inner = torch.where(torch.arange(width, device=dev)[None] < lengths[:, None] - 1,
+                                lp.gather(-1, nxt[..., None])[..., 0], 0.0)
+            at_end = lp[torch.arange(n, device=dev), lengths - 1]
+            stop = torch.logsumexp(at_end[:, end], -1) if end else torch.zeros(n, device=dev)
+            row.append(first[ids[:, 0]] + inner.sum(1) + stop)
+        scores.append(torch.cat(row))
+    return torch.stack(scores).cpu(), torch.stack(last).cpu()
+
+
+def score_candidates(model, processor, images, questions, candidates: list[str], chunk: int = 32) -> torch.Tensor:
+    """[B, C] log-probability of each whole candidate answer (its tokens, then the end of
+    sequence) after each prompt, on the host."""
+    ad = get_adapter(model, processor)
+    seqs, end = _candidate_ids(ad, model, processor, candidates, questions[0])
+    return _sequence_scores(model, processor, images, questions, seqs, end, chunk)[0]
+
+
+@torch.no_grad()
+def predict_closed(model, processor, images, questions, candidates: list[str], chunk: int = 32) -> tuple[list[str], torch.Tensor]:
+    """The most likely candidate answer per example, and the last prompt position's logits (host).
+
+    When every candidate is one token and no two share it (easy-VQA), that token decides the
+    answer: one forward, argmax over the candidates' tokens. Otherwise each whole candidate is
+    scored by teacher forcing (``score_candidates``), so "red" and "red shape" can both win."""
+    ad = get_adapter(model, processor)
+    seqs, end = _candidate_ids(ad, model, processor, candidates, questions[0])
+    firsts = single_token_ids(seqs)
+    if firsts is not None:
+        logits = model(**ad.encode(images, questions), logits_to_keep=1).logits[:, -1].float()
+        best = logits[:, torch.tensor(firsts, device=logits.device)].argmax(-1).tolist()
+        return [candidates[b] for b in best], logits.cpu()
+    scores, logits = _sequence_scores(model, processor, images, questions, seqs, end, chunk)
+    return [candidates[b] for b in scores.argmax(-1).tolist()], logits
 
 
 @torch.no_grad()
@@ -71,3 +167,4 @@ def summarize(rows: list[dict], key: str = "correct", seed: int = 0) -> dict:
         lo, hi = bootstrap_ci(vals, seed=seed)
         out[name] = {"accuracy": float(np.mean(vals)) if vals else float("nan"), "ci": [lo, hi], "n": len(vals)}
     return out
+

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from headsteer.errors import HeadsteerError
 from headsteer.files import atomic_path, save_figure, write_text
@@ -23,51 +24,94 @@ OUTPUTS = ("compare.md", "compare.csv", "compare.png", "report.html")  # besides
 
 
 def paired_p(a_rows, b_rows) -> float:
-    """Exact McNemar test on per-example correctness (same examples, same order)."""
-    from scipy.stats import binomtest
-
+    """Exact McNemar test on per-example correctness (same examples, same order): a binomial test
+    of the discordant pairs."""
     a = np.array([r["correct"] >= 0.5 for r in a_rows])
     b = np.array([r["correct"] >= 0.5 for r in b_rows])
     n01, n10 = int((~a & b).sum()), int((a & ~b).sum())
     if n01 + n10 == 0:
         return 1.0
-    return float(binomtest(n01, n01 + n10, 0.5).pvalue)
+    return float(stats.binomtest(n01, n01 + n10, 0.5).pvalue)
 
 
 def reliance_p(a_rows, b_rows) -> float:
-    from scipy.stats import ttest_rel
-
+    """Paired t-test on per-example image reliance (same examples, same order)."""
     a = np.array([r["image_reliance"] for r in a_rows])
     b = np.array([r["image_reliance"] for r in b_rows])
     if np.allclose(a, b):
         return 1.0
-    return float(ttest_rel(a, b).pvalue)
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of the non-NaN p-values; NaN stays NaN.
+    (scipy offers only FDR control, false_discovery_control.)"""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    return out.tolist()
+
+
+P_COLUMNS = {"p_accuracy": "exact McNemar test", "p_image_reliance": "paired t-test"}
 
 
 def table_rows(results: dict) -> list[dict]:
-    """``results``: name -> per-example rows; the first entry is the reference (unedited)."""
+    """``results``: name -> per-example rows; the first entry is the reference (unedited). Each
+    p-value compares an edit with the reference; ``*_holm`` is the same p-value Holm-adjusted over
+    the edits (one family per metric)."""
     names = list(results)
     ref = results[names[0]]
+    ref_s = summary(ref)
     out = []
     for name in names:
         rows = results[name]
-        s = summary(rows)
+        s = summary(rows) if name != names[0] else ref_s
         acc = s.get("accuracy", {}).get("all", {})
         row = {"edit": name, "n": s["n"]}
         if acc:
             row.update(accuracy=acc["accuracy"], ci_low=acc["ci"][0], ci_high=acc["ci"][1])
-            row["delta_accuracy"] = acc["accuracy"] - summary(ref)["accuracy"]["all"]["accuracy"]
+            row["delta_accuracy"] = acc["accuracy"] - ref_s["accuracy"]["all"]["accuracy"]
             row["p_accuracy"] = paired_p(ref, rows) if name != names[0] else float("nan")
         if "image_reliance" in s:
             row.update(image_reliance=s["image_reliance"], accuracy_blank_image=s["accuracy_blank_image"],
                        accuracy_no_image_flow=s["accuracy_no_image_flow"],
                        attn_to_image=float(np.mean(s["attn_to_image_per_layer"])))
-            if "topk_recovered" in s:
-                row["topk_recovered"] = s["topk_recovered"]
-            row["delta_image_reliance"] = s["image_reliance"] - summary(ref)["image_reliance"]
+            if "topk_recovered_mean" in s:
+                row.update(topk_recovered_mean=s["topk_recovered_mean"], topk_recovered_ci_low=s["topk_recovered_ci"][0],
+                           topk_recovered_ci_high=s["topk_recovered_ci"][1])
+            row["delta_image_reliance"] = s["image_reliance"] - ref_s["image_reliance"]
             row["p_image_reliance"] = reliance_p(ref, rows) if name != names[0] else float("nan")
         out.append(row)
-    return out
+    for col in P_COLUMNS:
+        if out and col in out[0]:
+            for row, adj in zip(out, holm([r[col] for r in out])):
+                row[col + "_holm"] = adj
+    return _ordered(out)
+
+
+def _ordered(rows: list[dict]) -> list[dict]:
+    # each adjusted p-value right after its raw one
+    cols = []
+    for c in rows[0]:
+        if not c.endswith("_holm"):
+            cols.append(c)
+            if c + "_holm" in rows[0]:
+                cols.append(c + "_holm")
+    return [{c: r[c] for c in cols} for r in rows]
+
+
+def table_notes(rows: list[dict]) -> list[str]:
+    """How the table's p-values were computed (printed under the table)."""
+    tests = [f"{c}: {t} against {rows[0]['edit']}" for c, t in P_COLUMNS.items() if c in rows[0]]
+    if not tests:
+        return []
+    k = len(rows) - 1
+    return ["; ".join(tests) + f". *_holm: Holm-adjusted over the {k} edit{'s' * (k != 1)} compared (per metric).",
+            "ci_low/ci_high: 95% BCa bootstrap interval of the accuracy; topk_recovered_mean: mean share of the "
+            "image reliance the top-k heads recover alone (examples with image reliance ~0 left out), with its interval."]
 
 
 def _fmt(v):
@@ -80,7 +124,8 @@ def markdown(rows: list[dict]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    notes = table_notes(rows)
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def bar_plot(rows, path: Path):
@@ -118,7 +163,8 @@ def html_report(rows, plot_png: bytes, heatmap: Path | None, title: str, setting
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><pre>{html.escape(json.dumps(settings, indent=2))}</pre>",
-             f"<table><tr>{head}</tr>{body}</table>", "<h2>Metrics</h2>", img(plot_png)]
+             f"<table><tr>{head}</tr>{body}</table>", *(f"<p>{html.escape(n)}</p>" for n in table_notes(rows)),
+             "<h2>Metrics</h2>", img(plot_png)]
     if heatmap is not None and heatmap.exists():
         parts += ["<h2>Head attribution</h2>", img(heatmap.read_bytes())]
     parts.append("</body></html>")

@@ -13,7 +13,8 @@ from headsteer.parallel import finish_processes, gather_rows, process_shard  # n
 from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, run_identity
 
-from .accuracy import predict_closed, predict_open, soft_accuracy, summarize
+from .accuracy import bootstrap_ci, predict_closed, predict_open, soft_accuracy, summarize
+from .transfer import edited_baseline, transfer_batch
 
 METRICS = ("accuracy", "transfer")
 OUTPUTS = ("per_example.jsonl", "summary.json")  # what ``headsteer eval`` writes (the only files --force deletes)
@@ -66,14 +67,12 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
         done = resume_rows(path)
     todo = [i for i in mine if i not in done]
     candidates = sorted(set(dataset["answer"])) if mode == "closed" else None
-    base = None
-    if "transfer" in metrics:
-        from headsteer.attribution.engine import as_baseline
-
-        base = as_baseline(model, processor, baseline, dataset)
     f = open(path, "a") if path is not None else None
     try:
         with _edit_context(model, processor, edit):
+            # built under the edit: an edited model ablates towards its own baseline K/V
+            base = edited_baseline(model, processor, baseline, dataset, edited=edit is not None) \
+                if "transfer" in metrics and todo else None
             for s in range(0, len(todo), batch_size):
                 idx = todo[s : s + batch_size]
                 ex = [dataset[i] for i in idx]
@@ -88,8 +87,6 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
                         r["prediction"] = p
                         r["correct"] = soft_accuracy(p, e.get("answers") or [e["answer"]])
                 if "transfer" in metrics:
-                    from .transfer import transfer_batch
-
                     tr = transfer_batch(model, processor, ims, qs, [e["answer"] for e in ex], base, top_heads, candidates)
                     for r, t in zip(rows, tr):
                         r.update(t)
@@ -118,6 +115,10 @@ def summary(rows: list[dict]) -> dict:
         out["accuracy_no_image_flow"] = float(np.mean([r["correct_no_image_flow"] for r in rows]))
         out["attn_to_image_per_layer"] = np.mean([r["attn_to_image"] for r in rows], axis=0).tolist()
         if "topk_recovered" in rows[0]:
+            # mean share of the image reliance that the top-k heads recover alone, over the examples
+            # where it is defined (image reliance not ~0), with a bootstrap CI
             vals = [r["topk_recovered"] for r in rows if r["topk_recovered"] == r["topk_recovered"]]
-            out["topk_recovered"] = float(np.median(vals)) if vals else float("nan")
+            out["topk_recovered_mean"] = float(np.mean(vals)) if vals else float("nan")
+            out["topk_recovered_ci"] = list(bootstrap_ci(vals))
+            out["topk_recovered_n"] = len(vals)
     return out

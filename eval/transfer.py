@@ -3,56 +3,113 @@
 Per example: (a) image reliance = answer logit minus the answer logit with every head's image flow
 ablated; (b) attention mass of the text after the image on image tokens, per layer; (c) answer
 with a blank image; (d) the share of (a) that the top-k attributed heads recover alone (all other
-heads ablated)."""
+heads ablated). Logits are those of the answer's first token at the last prompt position."""
 from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
 
 import torch
 
 from headsteer.adapters import get_adapter
-from headsteer.baseline import blank_image
+from headsteer.baseline import Baseline, as_baseline, blank_image
 from headsteer.heads import HeadSet
 from headsteer.intervene import Recorder, intervene
+
+from .accuracy import candidate_token_ids, predict_closed, single_token_ids
+
+# |image reliance| below this (in logits) leaves the top-k share undefined (NaN)
+MIN_RELIANCE = 1e-6
+
+
+@contextlib.contextmanager
+def _scratch_baseline_cache():
+    # The mean-baseline cache is keyed by the weights (headsteer.baseline), which a hook edit
+    # (scale, attn, steer) leaves unchanged: without this an edited model would be handed the
+    # unedited model's cached mean K/V. as_baseline takes no cache_dir, so the documented
+    # HEADSTEER_CACHE setting is pointed at a scratch folder for the duration.
+    old = os.environ.get("HEADSTEER_CACHE")
+    with tempfile.TemporaryDirectory(prefix="headsteer-edited-baseline-") as d:
+        os.environ["HEADSTEER_CACHE"] = d
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("HEADSTEER_CACHE", None)
+            else:
+                os.environ["HEADSTEER_CACHE"] = old
+
+
+def edited_baseline(model, processor, baseline, dataset=None, edited: bool = False) -> Baseline:
+    """The baseline an ablation reads, computed from the model as it is now. Call it inside the
+    edit's context, so that an edited model ablates towards its own mean/blank image K/V."""
+    if edited and isinstance(baseline, str) and baseline == "mean":
+        with _scratch_baseline_cache():
+            return as_baseline(model, processor, baseline, dataset)
+    return as_baseline(model, processor, baseline, dataset)
 
 
 @torch.no_grad()
 def transfer_batch(model, processor, images, questions, answers, baseline, top_heads: HeadSet | None = None,
                    candidates: list[str] | None = None) -> list[dict]:
-    """Transfer metrics for a batch of examples (any active edit applies underneath)."""
+    """Transfer metrics for a batch of examples (any active edit applies underneath). Everything
+    stays on the model's device; the rows cross to the host at the end."""
     ad = get_adapter(model, processor)
     L, H = ad.num_layers, ad.num_heads
     inputs = ad.encode(images, questions)
-    aid = torch.tensor([ad.answer_token_id(a, q) for a, q in zip(answers, questions)])
+    dev = inputs["input_ids"].device
+    rows = torch.arange(len(images), device=dev)
+    aid = torch.tensor([ad.answer_token_id(a, q) for a, q in zip(answers, questions)], device=dev)
     rec = Recorder(L, H)
     with intervene(model, recorder=rec):
         clean = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-    per_layer = rec.per_example().tolist()
     everything = torch.ones(1, L, H, dtype=torch.bool)
     with intervene(model, ablate=everything, baseline=baseline):
         none = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-    blank = ad.encode([blank_image(processor)] * len(images), questions)
-    blank_logits = model(**blank, logits_to_keep=1).logits[:, -1].float()
+    blanks = [blank_image(processor)] * len(images)
+    blank = model(**ad.encode(blanks, questions), logits_to_keep=1).logits[:, -1].float()
     keep = None
     if top_heads is not None and len(top_heads):
         m = ~top_heads.to_mask(L, H)
         with intervene(model, ablate=m[None], baseline=baseline):
             keep = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-    cand_ids = [ad.answer_token_id(c, questions[0]) for c in candidates] if candidates else None
 
-    def pred(lg):
-        if cand_ids is None:
-            return lg.argmax(-1)
-        return torch.tensor(cand_ids)[lg[:, cand_ids].argmax(-1)]
+    seqs = candidate_token_ids(model, processor, candidates, questions[0]) if candidates else None
+    firsts = single_token_ids(seqs) if seqs is not None else None
+    if candidates is None or firsts is not None:
+        # the answer is decided by its first token: greedy over the vocabulary, or over the candidates' tokens
+        cand = torch.tensor(firsts, device=dev) if firsts is not None else None
 
+        def pred(lg):
+            return lg.argmax(-1) if cand is None else cand[lg[:, cand].argmax(-1)]
+
+        correct_blank, correct_none = pred(blank) == aid, pred(none) == aid
+    else:
+        # candidates of several tokens (or sharing one): the whole answer, as accuracy scores it;
+        # an ablation places its baseline per prompt row, so candidates run one at a time there
+        truth = torch.tensor([candidates.index(a) if a in candidates else -1 for a in answers], device=dev)
+        idx = {c: i for i, c in enumerate(candidates)}
+        b = predict_closed(model, processor, blanks, questions, candidates)[0]
+        with intervene(model, ablate=everything, baseline=baseline):
+            n = predict_closed(model, processor, images, questions, candidates, chunk=1)[0]
+        correct_blank = torch.tensor([idx[p] for p in b], device=dev) == truth
+        correct_none = torch.tensor([idx[p] for p in n], device=dev) == truth
+
+    reliance = clean[rows, aid] - none[rows, aid]
+    recovered = None
+    if keep is not None:
+        share = (keep[rows, aid] - none[rows, aid]) / reliance
+        recovered = torch.where(reliance.abs() > MIN_RELIANCE, share, torch.full_like(share, float("nan")))
+    # results cross to the host here, once
+    reliance, correct_blank, correct_none = reliance.cpu().tolist(), correct_blank.cpu().tolist(), correct_none.cpu().tolist()
+    attn = rec.per_example().cpu().tolist()
+    recovered = recovered.cpu().tolist() if recovered is not None else None
     out = []
     for i in range(len(images)):
-        r = {
-            "image_reliance": float(clean[i, aid[i]] - none[i, aid[i]]),
-            "attn_to_image": per_layer[i],
-            "correct_blank": bool(pred(blank_logits)[i] == aid[i]),
-            "correct_no_image_flow": bool(pred(none)[i] == aid[i]),
-        }
-        if keep is not None:
-            full = float(clean[i, aid[i]] - none[i, aid[i]])
-            r["topk_recovered"] = float(keep[i, aid[i]] - none[i, aid[i]]) / full if abs(full) > 1e-6 else float("nan")
+        r = {"image_reliance": float(reliance[i]), "attn_to_image": attn[i], "correct_blank": bool(correct_blank[i]),
+             "correct_no_image_flow": bool(correct_none[i])}
+        if recovered is not None:
+            r["topk_recovered"] = float(recovered[i])
         out.append(r)
     return out

@@ -20,8 +20,9 @@ from headsteer.eval.compare import compare
 
 def test_answer_normalisation_and_soft_accuracy():
     assert normalize_answer("The Two dogs!") == "2 dogs"
-    assert soft_accuracy("two", ["2", "2", "2", "3"]) == 1.0
-    assert soft_accuracy("3", ["2", "2", "2", "3"]) == pytest.approx(1 / 3)
+    # official VQA accuracy: min(1, matches / 3) averaged over the leave-one-out subsets
+    assert soft_accuracy("two", ["2", "2", "2", "3"]) == pytest.approx(0.75)
+    assert soft_accuracy("3", ["2", "2", "2", "3"]) == pytest.approx(0.25)
     assert soft_accuracy("red", ["red"]) == 1.0 and soft_accuracy("blue", ["red"]) == 0.0
     lo, hi = bootstrap_ci([0, 1] * 50)
     assert lo < 0.5 < hi
