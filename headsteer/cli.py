@@ -6,6 +6,7 @@ import functools
 import click
 
 from .errors import HeadsteerError
+from .plugins import registered
 
 
 def friendly(fn):
@@ -44,23 +45,21 @@ force_opt = click.option("--force", is_flag=True,
 
 
 class _Group(click.Group):
-    """Adds the subpackages' commands when first asked for, not at import: a subpackage CLI module
-    imports this one, so registering at import time was circular."""
-
-    _loaded = False
-
-    def _load(self):
-        if not self._loaded:
-            self._loaded = True
-            _register_optional()
+    """The subpackages' commands come from entry points (group ``headsteer.commands`` in
+    pyproject.toml): the core names no subpackage, and a command's module is imported only when
+    that command is asked for."""
 
     def list_commands(self, ctx):
-        self._load()
-        return super().list_commands(ctx)
+        return sorted(set(super().list_commands(ctx)) | set(registered("headsteer.commands")))
 
     def get_command(self, ctx, name):
-        self._load()
-        return super().get_command(ctx, name)
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            ep = registered("headsteer.commands").get(name)
+            if ep is not None:
+                cmd = ep.load()
+                self.add_command(cmd, name)
+        return cmd
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,35 +94,3 @@ def info(model, device, dtype, device_map):
     click.echo(f"heads       {ad.num_heads} query / {ad.num_kv_heads} KV per layer, head_dim {ad.head_dim}")
     click.echo(f"parameters  {sum(p.numel() for p in m.parameters()):,}")
     click.echo(f"image token id {ad.image_token_id}; prompt: {ad.prompt('{question}')!r}")
-
-
-@main.command()
-@load_options
-@click.option("--image", "image", default=None, help="image path (default: the first easy-VQA test image)")
-@click.option("--question", default="what color is the shape?", show_default=True)
-@click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
-@click.option("--top", default=3, show_default=True, type=click.IntRange(1, 100), help="how many candidate answers to show")
-@friendly
-def ask(model, device, dtype, device_map, image, question, edit_path, top):
-    """Answer one question about one image (and show an edit's effect)."""
-    from .ask import ask as run_ask
-
-    for line in run_ask(model, image, question, edit_path=edit_path, top=top, device=device, dtype=dtype, device_map=device_map):
-        click.echo(line)
-
-
-def _register_optional():
-    """Commands from the subpackages; a missing one must not break the rest of the CLI."""
-    import importlib
-
-    for modname, attr in (("headsteer.attribution.cli", "commands"), ("headsteer.edit.cli", "commands"),
-                          ("headsteer.eval.cli", "commands")):
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name == modname:
-                continue
-            raise
-        for cmd in getattr(mod, attr):
-            main.add_command(cmd)
-

@@ -1,0 +1,37 @@
+"""``headsteer ask``: one question about one image, side by side with an edit's answer."""
+from __future__ import annotations
+
+import click
+
+from headsteer.ask import default_image, top_answers
+from headsteer.cli import friendly, load_options
+from headsteer.edit import apply_edit, load_manifest
+from headsteer.load import load
+
+
+def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, device_map=None) -> list[str]:
+    """Lines of the answer (and the edited answer) to ``question`` about ``image``."""
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before any forward
+    image = image or default_image()
+    lines = [f"image     {image}", f"question  {question}"]
+    base = top_answers(m, proc, image, question, top)
+    lines.append("answer    " + "  ".join(f"{a} ({p:.2f})" for a, p, _ in base))
+    if manifest is not None:
+        with apply_edit(m, manifest, processor=proc):
+            edited = top_answers(m, proc, image, question, top)
+        lines.append("edited    " + "  ".join(f"{a} ({p:.2f})" for a, p, _ in edited) + f"   [{manifest.describe()}]")
+    return lines
+
+
+@click.command("ask")
+@load_options
+@click.option("--image", "image", default=None, help="image path (default: the first easy-VQA test image)")
+@click.option("--question", default="what color is the shape?", show_default=True)
+@click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1, 100), help="how many candidate answers to show")
+@friendly
+def ask_cmd(model, device, dtype, device_map, image, question, edit_path, top):
+    """Answer one question about one image (and show an edit's effect)."""
+    for line in ask(model, image, question, edit_path=edit_path, top=top, device=device, dtype=dtype, device_map=device_map):
+        click.echo(line)
