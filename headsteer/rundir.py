@@ -43,6 +43,11 @@ def run_identity(command: str, model=None, processor=None, dataset=None, n: int 
     ident = {"command": command, "headsteer": headsteer.__version__}
     info = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if model is not None:
+        # an open intervention context (headsteer.intervene's session attribute) changes the numbers
+        # in a way no fingerprint sees; an edit installed by load_edited is recorded as installed_edit
+        if model.__dict__.get("_headsteer_state") is not None and getattr(model, "_headsteer_edit", None) is None:
+            raise HeadsteerError("an intervention or edit is active on the model, which a run folder cannot record: "
+                                 "pass the edit as edit=..., or run without an output folder")
         p = next(model.parameters(), None)
         ident.update(weights=weights_fingerprint(model), config=config_fingerprint(model),
                      dtype=str(p.dtype).replace("torch.", "") if p is not None else None,
@@ -128,8 +133,9 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
     if folder.exists() and any(folder.iterdir()):
         rec = _read_record(folder)
         if rec is None:
-            raise HeadsteerError(f"{folder} is not empty and was not written by headsteer (no {RUN_FILE}); choose another "
-                                 "--out (headsteer deletes nothing there, even with --force)")
+            raise HeadsteerError(f"{folder} is not empty and has no {RUN_FILE}: not written by headsteer (or by a version "
+                                 "before run identities); choose another --out (headsteer deletes nothing there, even "
+                                 "with --force)")
         if rec["hash"] == h and not force:
             written = sorted(set(rec.get("written", [])) | set(outputs))
             if written != rec.get("written"):

@@ -237,3 +237,33 @@ def test_cli_flow_refuses_another_runs_folder_and_reruns_its_own(tmp_path):
         r = CliRunner().invoke(main, [*flow, "--out", str(tmp_path / "flow")])
         assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "flow" / "run.json").read_text())["identity"]["command"] == "flow"
+
+
+def test_tensor_fingerprint_is_the_wrapping_integer_sum(monkeypatch):
+    """The device reduction equals the same sum in exact integers mod 2^64, whatever the chunking
+    (so CPU, GPU and any reduction order agree)."""
+    from headsteer import fingerprint as fp
+
+    x = torch.randn(1000, dtype=torch.float32)
+    monkeypatch.setattr(fp, "_CHUNK", 96)
+    monkeypatch.setattr(fp, "_weights_cache", {})
+    got = fp.tensor_fingerprint(x)
+    w = fp._position_weights("cpu").tolist()
+    bits = x.view(torch.int32).tolist()
+    mod = 1 << 64
+    total = sum((b * w[i % 96] % mod) * (fp._chunk_weight(i // 96) % mod) for i, b in enumerate(bits)) % mod
+    assert got % mod == total
+    y = x.clone()
+    y[999] = -y[999]
+    assert fp.tensor_fingerprint(y) != got and fp.tensor_fingerprint(x.to(torch.bfloat16)) != got
+
+
+def test_a_run_folder_refuses_a_model_under_an_open_intervention(default_model, tmp_path):
+    from headsteer import Spec, intervene
+
+    model, proc = default_model
+    ds = load_easy_vqa("test", limit=2)
+    with intervene(model, Spec(head_scale=torch.zeros(4, 8))):
+        with pytest.raises(HeadsteerError, match="pass the edit as edit="):
+            evaluate(model, proc, ds, ("accuracy",), out_dir=tmp_path / "ev")
+    assert len(evaluate(model, proc, ds, ("accuracy",), out_dir=tmp_path / "ev")) == 2
