@@ -135,7 +135,8 @@ def predict_closed(model, processor, images, questions, candidates: list[str], c
 
     When every candidate is one token and no two share it (easy-VQA), that token decides the
     answer: one forward, argmax over the candidates' tokens. Otherwise each whole candidate is
-    scored by teacher forcing (``score_candidates``), so "red" and "red shape" can both win."""
+    scored by teacher forcing (``score_candidates``), so "red" and "red shape" can both win; under
+    an active head ablation pass ``chunk=1`` (its baseline K/V is placed per prompt row)."""
     ad = get_adapter(model, processor)
     seqs, end = _candidate_ids(ad, model, processor, candidates, questions[0])
     firsts = single_token_ids(seqs)

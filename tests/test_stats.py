@@ -134,12 +134,18 @@ def test_majority_answer_ties_break_by_first_occurrence(tmp_path):
 def test_transfer_under_an_edit_ablates_towards_the_edited_models_baseline(default_model, tmp_path):
     model, proc = default_model
     ad = headsteer.get_adapter(model, proc)
-    ds = load_easy_vqa("test", limit=2, qtypes=("shape",))
+    easy = load_easy_vqa("test", limit=2, qtypes=("shape",))
+    for i, ex in enumerate(easy):  # a local data set: its own images are the mean baseline's reference
+        ex["image"].save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "question": ex["question"],
+                                                            "answer": ex["answer"]}) for i, ex in enumerate(easy)))
+    ds = load_local_vqa(tmp_path / "d.jsonl")
     edit = EditManifest("scale", "L0H*,L1H*", {"factor": 0.3})  # changes the image K/V of layers 1-3
+    evaluate(model, proc, ds, ("transfer",), baseline="mean", batch_size=2)  # caches the unedited mean baseline
     rows = evaluate(model, proc, ds, ("transfer",), edit=edit, baseline="mean", batch_size=2)
     everything = torch.ones(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
     with apply_edit(model, edit, proc):
-        base = make_baseline(model, proc, "mean", cache_dir=tmp_path)  # computed on the edited model
+        base = make_baseline(model, proc, "mean", reference=list(ds["image"]), cache_dir=tmp_path / "cache")
         for r, ex in zip(rows, ds):
             inp = ad.encode([ex["image"]], [ex["question"]])
             aid = ad.answer_token_id(ex["answer"])
@@ -148,6 +154,21 @@ def test_transfer_under_an_edit_ablates_towards_the_edited_models_baseline(defau
                 with intervene(model, ablate=everything, baseline=base):
                     none = model(**inp).logits[0, -1, aid].item()
             assert r["image_reliance"] == pytest.approx(clean - none, abs=1e-4)
+
+
+def test_transfer_with_candidates_of_several_tokens_uses_whole_answers(default_model):
+    from headsteer.eval.transfer import transfer_batch
+
+    model, proc = default_model
+    ad = headsteer.get_adapter(model, proc)
+    ds = load_easy_vqa("test", limit=3, qtypes=("color",))
+    base = make_baseline(model, proc, "zero")
+    cands = sorted(set(ds["answer"])) + ["red shape", "blue circle"]  # "red" and "red shape" share a first token
+    rows = transfer_batch(model, proc, ds["image"], ds["question"], ds["answer"], base, None, cands)
+    everything = torch.ones(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    with intervene(model, ablate=everything, baseline=base):
+        none = accuracy.predict_closed(model, proc, ds["image"], ds["question"], cands, chunk=1)[0]
+    assert [r["correct_no_image_flow"] for r in rows] == [p == a for p, a in zip(none, ds["answer"])]
 
 
 def test_topk_recovered_is_summarised_as_a_mean_with_a_ci():
