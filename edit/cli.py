@@ -4,10 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
+from headsteer import get_adapter, load
 from headsteer.cli import friendly, load_options
+from headsteer.data import load_data
 from headsteer.errors import HeadsteerError
 from headsteer.heads import select_heads
+
+from .export import export
+from .lora import train_head_lora
+from .manifest import EditManifest, provenance
+from .steer import class_sets, real_vs_blank_sets, steering_vectors
+from .tasks import shifted
 
 
 def resolve_heads(ad, heads, from_attribution, top_k, seed=0):
@@ -25,16 +34,12 @@ def heads_options(f):
 
 
 def _model_and_heads(model, heads, from_attribution, top_k, seed, device=None, dtype=None, device_map=None):
-    from headsteer import get_adapter, load
-
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
     return m, proc, hs, attrib
 
 
 def _write(model, proc, kind, heads, attrib, params, out, tensors=None):
-    from .manifest import EditManifest, provenance
-
     prov = provenance(model, **({"attribution": attrib["run"], "top_k": attrib["top_k"]} if attrib else {}))
     m = EditManifest(kind=kind, heads=str(heads), params=params, provenance=prov)
     if tensors:
@@ -82,10 +87,6 @@ def attn(model, device, dtype, device_map, heads, from_attribution, top_k, seed,
 @friendly
 def steer(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, data, contrast, n, method, strength):
     """Add a data-derived vector to the heads' outputs."""
-    from headsteer.data import load_data
-
-    from .steer import class_sets, real_vs_blank_sets, steering_vectors
-
     m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     ds = load_data(data, limit=None if contrast.startswith("classes:") else n * 2)
     if contrast == "real-vs-blank":
@@ -113,13 +114,6 @@ def steer(model, device, dtype, device_map, heads, from_attribution, top_k, seed
 @friendly
 def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, data, task, steps, targets, rank, lr, batch_size, limit):
     """Train a LoRA adapter restricted to the heads' q/k/v rows and o_proj columns."""
-    from tqdm import tqdm
-
-    from headsteer.data import load_data
-
-    from .lora import train_head_lora
-    from .tasks import shifted
-
     m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
     ds = shifted(load_data(data, limit=limit), task)
     adapter_dir = Path(out).with_suffix("").as_posix() + "_adapter"
@@ -140,11 +134,6 @@ def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed,
 @friendly
 def export_cmd(model, device, dtype, device_map, edit_path, out, force):
     """Write the edited model as a Hugging Face checkpoint."""
-    from headsteer import load
-
-    from .export import export
-    from .manifest import EditManifest
-
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     r = export(m, proc, EditManifest.load(edit_path), out, force=force)
     how = "baked into the weights: loads in plain transformers" if r["baked"] else "saved with its manifest: load with headsteer.load_edited"

@@ -13,6 +13,7 @@ import torch
 
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
+from headsteer.load import load
 
 from .apply import _weights_added, install_edit, lora_deltas, spec_for
 from .manifest import EditManifest
@@ -119,8 +120,6 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
 
 def load_edited(path, **load_kwargs):
     """Load an exported checkpoint; edits that are not in its weights are re-applied (installed)."""
-    from headsteer.load import load
-
     model, processor = load(path, **load_kwargs)
     mp = Path(path) / MANIFEST_NAME
     if mp.exists():

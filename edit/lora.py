@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
@@ -37,8 +38,6 @@ def train_head_lora(model, processor, heads: HeadSet, dataset, steps: int = 300,
                     lr: float = 2e-3, batch_size: int = 16, seed: int = 0, adapter_dir=None, progress=None):
     """Train LoRA restricted to ``heads`` on ``dataset`` (loss on the answer's first token).
     Returns (tensors, params) for an ``EditManifest(kind="lora")``; the model is left unchanged."""
-    from peft import LoraConfig, get_peft_model
-
     ad = get_adapter(model, processor)
     heads = heads.resolve(ad.num_layers, ad.num_heads)
     bad = set(targets) - set(TARGETS)

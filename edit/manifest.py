@@ -8,7 +8,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
 
+from headsteer import __version__
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_safetensors, write_json
 from headsteer.heads import HeadSet
@@ -73,8 +75,6 @@ class EditManifest:
             raise HeadsteerError(f"{path} is not an edit manifest: missing {', '.join(sorted(missing))}")
         m = cls(**{k: d[k] for k in ("kind", "heads", "params", "provenance", "tensors", "baked") if k in d})
         if m.tensors:
-            from safetensors.torch import load_file
-
             tp = path.parent / m.tensors
             try:
                 m._tensors = load_file(str(tp))
@@ -99,13 +99,11 @@ def model_fingerprint(model) -> str:
 
 
 def provenance(model, attribution: str | None = None, top_k: int | None = None, **extra) -> dict:
-    import headsteer
-
     p = {
         "base_model": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
         "base_hash": model_fingerprint(model),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "headsteer": headsteer.__version__,
+        "headsteer": __version__,
     }
     if attribution:
         p["attribution"] = {"run": str(attribution), "top_k": top_k}

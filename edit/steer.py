@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from headsteer.adapters import get_adapter
+from headsteer.baseline import blank_image
 from headsteer.errors import HeadsteerError
 
 
@@ -41,7 +43,6 @@ def steering_vectors(model, processor, set_a, set_b, method: str = "mean") -> to
         return diff
     if method != "probe":
         raise HeadsteerError(f"unknown steering method {method!r}: use mean or probe")
-    from sklearn.linear_model import LogisticRegression
 
     L, H, d = diff.shape
     out = torch.zeros(L, H, d)
@@ -58,8 +59,6 @@ def steering_vectors(model, processor, set_a, set_b, method: str = "mean") -> to
 def real_vs_blank_sets(model, processor, dataset, n: int = 64):
     """Set A: examples the model answers correctly with the real image; set B: the same questions
     with a blank image (what the head outputs look like without image information)."""
-    from headsteer.baseline import blank_image
-
     ad = get_adapter(model, processor)
     blank = blank_image(processor)
     a, b = [], []

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .errors import HeadsteerError
@@ -214,8 +215,6 @@ class Adapter:
 
 
 def _as_image(im):
-    from PIL import Image
-
     if isinstance(im, Image.Image):
         return im.convert("RGB")
     try:

@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors import safe_open
 
 from .adapters import get_adapter
+from .data import easy_vqa_images
 from .errors import HeadsteerError
 from .files import save_safetensors
 from .fingerprint import config_fingerprint, processor_fingerprint, weights_fingerprint
@@ -89,8 +92,6 @@ class TensorBaseline(Baseline):
 
     @classmethod
     def load(cls, path):
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), "pt") as f:
                 md = f.metadata()
@@ -128,8 +129,6 @@ def capture_image_kv(model, processor, images, questions, batch_size=16):
 
 
 def blank_image(processor):
-    from PIL import Image
-
     ip = getattr(processor, "image_processor", None)
     mean = getattr(ip, "image_mean", None) or [0.5, 0.5, 0.5]
     size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {"height": 224, "width": 224}
@@ -160,9 +159,6 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
     if kind != "mean":
         raise HeadsteerError(f"unknown baseline {kind!r}: use one of {', '.join(KINDS)}")
     if reference is None:
-        from .data import easy_vqa_images
-        from PIL import Image
-
         paths = easy_vqa_images("train")
         ids = sorted(paths)[:n_reference]
         reference = [Image.open(paths[i]).convert("RGB") for i in ids]

@@ -6,11 +6,15 @@ shape's pixels) for the object-vs-background patch analysis.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
+import datasets
+import easy_vqa
 import numpy as np
 from PIL import Image
 
@@ -39,8 +43,6 @@ def object_mask(image: Image.Image, tol: int = 24) -> np.ndarray:
 
 def vqa_features(**extra):
     """The columns every VQA data set here has, plus ``extra``."""
-    import datasets
-
     return datasets.Features({
         "image": datasets.Image(),
         "question": datasets.Value("string"),
@@ -52,10 +54,6 @@ def vqa_features(**extra):
 
 
 def _easy_records(split: str):
-    try:
-        import easy_vqa
-    except ImportError as e:  # pragma: no cover - declared dependency
-        raise HeadsteerError("easy-VQA is not installed: run `pip install easy-vqa`") from e
     if split == "train":
         q, a, ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
@@ -79,8 +77,6 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, wi
     questions); ``limit`` keeps the first N remaining questions (the file order is fixed, so this is
     deterministic).
     """
-    import datasets
-
     q, a, ids, paths = _easy_records(split)
     rows = [(qq, aa, ii) for qq, aa, ii in zip(q, a, ids) if qtypes is None or easy_vqa_qtype(aa) in qtypes]
     if limit is not None:
@@ -123,13 +119,9 @@ def _read_table(path: Path) -> list[dict]:
                 return data if isinstance(data, list) else data.get("data", data.get("questions", []))
             return [json.loads(line) for line in f if line.strip()]
     if suffix == ".csv":
-        import csv
-
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
     if suffix == ".parquet":
-        import datasets
-
         return list(datasets.Dataset.from_parquet(str(path)))
     raise HeadsteerError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
@@ -146,8 +138,6 @@ def _open_image(value, root: Path) -> Image.Image:
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, dict) and value.get("bytes") is not None:
-        import io
-
         return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
     if isinstance(value, dict):
         value = value.get("path")
@@ -170,8 +160,6 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     ``box``: the object's box ``[x0, y0, x1, y1]`` in image pixels (or ``"x0,y0,x1,y1"``), which
     ``headsteer flow`` uses to split the image tokens into object and background patches.
     """
-    import datasets
-
     path = Path(path)
     if not path.exists():
         raise HeadsteerError(f"data not found: {path}")

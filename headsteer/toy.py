@@ -6,6 +6,16 @@ processor.
 """
 from __future__ import annotations
 
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
 PROMPT = "USER: <image> {question} ASSISTANT:"
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 ROLE_WORDS = ["user", "assistant", ":"]  # the normalizer lower-cases, so USER/ASSISTANT map here
@@ -18,9 +28,6 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(words):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {}
     for w in SPECIAL + ROLE_WORDS + sorted(set(words) - set(SPECIAL) - set(ROLE_WORDS)):
         vocab.setdefault(w, len(vocab))
@@ -42,9 +49,6 @@ def build_tokenizer(words):
 
 
 def build_processor(words, image_size: int = 64, patch_size: int = 8):
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     ip = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -63,8 +67,6 @@ def build_processor(words, image_size: int = 64, patch_size: int = 8):
 def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, *, text_hidden=128, text_layers=4,
                  heads=8, kv_heads=4, text_mlp=384, vision_hidden=96, vision_layers=2, vision_heads=4,
                  image_size=64, patch_size=8):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 4,
