@@ -23,18 +23,20 @@ def heads_option_value(heads, from_attribution, top_k, ad):
 def plot_flow(out: Path, flow: dict):
     import matplotlib
 
-    from .flow import MEASURE_WORDS
+    from .flow import MEASURES
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = [w[0] if w[0] == w[1] else (w[0] + w[1]) / 2 for w in flow["windows"]]
     fig, ax = plt.subplots(figsize=(7, 4))
+    measure = flow.get("measure", "prob")
+    scale = 1 if measure == "logit_diff" else 100  # logits as they are; shares in percent
     for e, vals in flow["edges"].items():
-        ax.plot(x, [100 * v for v in vals], marker="o", ms=3, label=e)
+        ax.plot(x, [scale * v for v in vals], marker="o", ms=3, label=e)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("layer (window centre)")
-    ax.set_ylabel(f"relative change of answer {MEASURE_WORDS[flow.get('measure', 'prob')]} (%)")
+    ax.set_ylabel(MEASURES[measure][1])
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -53,8 +55,9 @@ def plot_flow(out: Path, flow: dict):
 @click.option("--heads", default=None, help="also knock out only in these heads, vs random heads of the same count")
 @click.option("--from-attribution", default=None, help="an attribution run directory: use its top --top-k heads")
 @click.option("--top-k", default=4, show_default=True)
-@click.option("--measure", type=click.Choice(["prob", "logit"]), default="prob", show_default=True,
-              help="relative change of the answer probability (Geva et al.) or logit (informative when p is saturated)")
+@click.option("--measure", type=click.Choice(["image_frac", "logit_diff", "prob"]), default="image_frac", show_default=True,
+              help="image_frac: change of the answer logit as a share of the full image knockout's; logit_diff: the "
+                   "change in logits; prob: relative change of the answer probability (Geva et al.; flat when p ~ 1)")
 @click.option("--out", default="runs/flow", show_default=True, help="output directory (rewritten by a rerun of the same settings)")
 @force_opt
 @device_opt
@@ -81,7 +84,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
     write_json(outp / "flow.json", result)
     plot_flow(outp, result)
     text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
-                      f"Relative change of the answer {MEASURE_WORDS[measure]} when the edge is knocked out:", ""] + describe(result)) + "\n"
+                      f"Effect of knocking out each edge: {MEASURE_WORDS[measure]} (measure {measure}).", ""] + describe(result)) + "\n"
     write_text(outp / "summary.md", text)
     click.echo(text)
     click.echo(f"wrote {out}/: flow.json flow.png summary.md")

@@ -5,6 +5,7 @@ from click.testing import CliRunner
 
 import headsteer
 from headsteer import Knockout, intervene
+from headsteer.attribution import flow as flow_mod
 from headsteer.attribution.flow import knockout_effects, patch_mask, windows
 from headsteer.cli import main
 from headsteer.data import load_easy_vqa
@@ -35,7 +36,7 @@ def test_image_to_everything_knockout_makes_logits_image_independent(default_mod
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("measure", ["prob", "logit"])
+@pytest.mark.parametrize("measure", ["prob", "logit_diff", "image_frac"])
 def test_empty_group_changes_nothing(default_model, measure):
     model, proc = default_model
     ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
@@ -45,21 +46,54 @@ def test_empty_group_changes_nothing(default_model, measure):
     assert any(abs(v) > 1e-4 for v in r["effects"]["background->last"])
 
 
-def test_logit_measure_matches_a_manual_knockout(default_model):
+def test_logit_measures_match_a_manual_knockout(default_model):
     model, proc = default_model
     ad = headsteer.get_adapter(model, proc)
     ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
-    r = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="logit")
+    diff = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="logit_diff")
+    frac = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="image_frac")
     inputs = ad.encode([ex["image"]], [ex["question"]])
     aid = ad.answer_token_id(ex["answer"])
     with torch.no_grad():
         clean = model(**inputs).logits[0, -1, aid].item()
+        with intervene(model, knockouts=[Knockout("image", "text")]):  # the image removed from every text position
+            no_image = model(**inputs).logits[0, -1, aid].item()
         for layer in range(ad.num_layers):
             with intervene(model, knockouts=[Knockout("image", "last", heads=f"L{layer}H*")]):
                 z = model(**inputs).logits[0, -1, aid].item()
-            assert r["effects"]["image->last"][layer] == pytest.approx((z - clean) / abs(clean), abs=1e-5)
+            assert diff["effects"]["image->last"][layer] == pytest.approx(z - clean, abs=1e-4)
+            assert frac["effects"]["image->last"][layer] == pytest.approx((z - clean) / abs(no_image - clean), abs=1e-5)
+    assert frac["image_effect"] == pytest.approx(no_image - clean, abs=1e-4)
     with pytest.raises(headsteer.HeadsteerError, match="unknown measure"):
         knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure="loss")
+
+
+@pytest.mark.parametrize("measure", ["prob", "logit_diff", "image_frac", "logit"])
+def test_flow_measures_do_not_depend_on_a_constant_added_to_the_logits(default_model, measure):
+    """Logits are defined up to a constant: a measure must not change when one is added."""
+    model, proc = default_model
+    ex = load_easy_vqa("test", limit=1, qtypes=("shape",))[0]
+    if measure not in flow_mod.MEASURES:  # the old ratio to a raw logit is gone, with a message naming the fix
+        with pytest.raises(headsteer.HeadsteerError, match="logit_diff"):
+            knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure=measure)
+        return
+    plain = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure=measure)
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: out - 7.0)
+    try:
+        shifted = knockout_effects(model, proc, ex["image"], ex["question"], ex["answer"], measure=measure)
+    finally:
+        handle.remove()
+    for e, vals in plain["effects"].items():
+        assert shifted["effects"][e] == pytest.approx(vals, abs=1e-4), e
+
+
+def test_flow_summary_names_the_measure_and_reports_tiny_denominators():
+    flow = {"windows": [[0, 0], [1, 1]], "n_images": 3, "measure": "image_frac", "clean_mean": 9.0,
+            "image_effect_mean": -2.0, "excluded_images": 1, "edges": {"image->last": [-0.25, 0.0]}}
+    text = "\n".join(flow_mod.describe(flow))
+    assert "-25.0%" in text and "image knockout" in text and "1 image" in text
+    flow.update(measure="logit_diff", edges={"image->last": [-0.25, 0.0]})
+    assert "-0.250" in "\n".join(flow_mod.describe(flow))
 
 
 def test_knockout_is_identical_with_left_padding(default_model):
