@@ -34,6 +34,11 @@ FAMILIES = {
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 
+# Families whose forward derives positions from the token layout itself (3D multimodal RoPE).
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+# Families whose positions start at 1 rather than 0.
+POSITION_BASE = {"paligemma": 1}
+
 
 def supported_families() -> str:
     return ", ".join(sorted(FAMILIES))
@@ -90,6 +95,15 @@ class Adapter:
 
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def padded_position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids for a left-padded batch, counted from each row's first real token as
+        ``generate`` does, so a padded row equals the same prompt alone — or None where the family
+        computes its positions itself (multimodal RoPE)."""
+        if self.model_type in OWN_POSITIONS:
+            return None
+        start = POSITION_BASE.get(self.model_type, 0)
+        return (attention_mask.long().cumsum(-1) - 1 + start).clamp(min=start)
 
     # -- positions ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

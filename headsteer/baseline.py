@@ -29,10 +29,19 @@ KINDS = ("mean", "blank", "zero")
 class Baseline:
     kind = "?"
 
-    def kv(self, layer, key, value, img):
-        """``key``/``value`` [B, Hkv, T, d] with the image positions (bool [B, T]) replaced."""
-        kb, vb = self.image_kv(layer, int(img[0].sum()), key.dtype, key.device)
-        return _place(key, img, kb), _place(value, img, vb)
+    def kv(self, layer, key, value, img, ordinals=None, n_img=None):
+        """``key``/``value`` [B, Hkv, T, d] with the image positions (bool [B, T]) replaced.
+        ``ordinals`` (long [B, T]) says which image token each position holds and ``n_img`` how many
+        the prompt has: a sliding-window cache may hold only the last ones of a row."""
+        if ordinals is None:
+            counts = img.sum(1)
+            if not bool((counts == counts[0]).all()):
+                raise HeadsteerError(
+                    f"the rows of this batch have {counts.tolist()} image positions; a baseline needs the same number in "
+                    "every row: use baseline='zero', or images of one size")
+            ordinals, n_img = img.long().cumsum(1) - 1, int(counts[0])
+        kb, vb = self.image_kv(layer, n_img, key.dtype, key.device)
+        return _place(key, img, ordinals, kb), _place(value, img, ordinals, vb)
 
     def image_kv(self, layer, n_img, dtype, device):
         """Baseline (k, v), each [Hkv, n_img, d]."""
@@ -42,15 +51,9 @@ class Baseline:
         return {"kind": self.kind}
 
 
-def _place(x, img, base):
-    counts = img.sum(1)
-    if not bool((counts == counts[0]).all()) or base.shape[1] != int(counts[0]):
-        raise HeadsteerError(
-            f"the baseline has {base.shape[1]} image positions but the batch has {counts.tolist()}; "
-            "use baseline='zero', or compute the baseline from images of the same size"
-        )
+def _place(x, img, ordinals, base):
     xt = x.transpose(1, 2).clone()  # [B, T, Hkv, d]
-    xt[img] = base.transpose(0, 1).to(x.dtype).repeat(x.shape[0], 1, 1)
+    xt[img] = base.transpose(0, 1)[ordinals[img]].to(x.dtype)
     return xt.transpose(1, 2)
 
 

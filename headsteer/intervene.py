@@ -190,6 +190,7 @@ class _Session:
         self.object_patches: list = []
         self.captures: list[dict] = []
         self.groups: dict | None = None
+        self.past = 0  # tokens seen before the current forward (set by the groups hook)
         self.oproj_handles: list = []
 
     @property
@@ -232,14 +233,15 @@ class _Session:
         return any(a.head_scale is not None or a.head_add is not None for a in self.actives)
 
 
-def _pad_group(g: torch.Tensor, k_len: int, fill: bool) -> torch.Tensor:
+def _pad_group(g: torch.Tensor, end: int, fill: bool) -> torch.Tensor:
     T = g.shape[1]
-    if T >= k_len:
-        return g[:, :k_len]
-    return torch.cat([g, torch.full((g.shape[0], k_len - T), fill, dtype=torch.bool, device=g.device)], 1)
+    if T >= end:
+        return g[:, :end]
+    return torch.cat([g, torch.full((g.shape[0], end - T), fill, dtype=torch.bool, device=g.device)], 1)
 
 
-def _group(groups, name_or_mask, k_len, device):
+def _group(groups, name_or_mask, k_len, device, offset=0):
+    """bool [B, k_len]: the group over the keys at absolute positions offset .. offset + k_len."""
     if isinstance(name_or_mask, str):
         if name_or_mask not in groups:
             raise HeadsteerError(f"unknown token group {name_or_mask!r}; known: {', '.join(sorted(groups))}")
@@ -247,7 +249,13 @@ def _group(groups, name_or_mask, k_len, device):
         fill = name_or_mask in ("after_image", "text")  # generated tokens are text after the image
     else:
         g, fill = torch.as_tensor(name_or_mask), False
-    return _pad_group(g.to(device).bool(), k_len, fill)
+    return _pad_group(g.to(device).bool(), offset + k_len, fill)[:, offset:]
+
+
+def _key_offset(session, q_len: int, k_len: int) -> int:
+    """Absolute position of the first key: 0, except for a sliding-window layer whose cache has
+    dropped the oldest keys."""
+    return max(0, session.past + q_len - k_len)
 
 
 def _heads_mask(heads, ad: Adapter, device) -> torch.Tensor:
@@ -313,6 +321,7 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
     scaling = scaling if scaling is not None else d ** -0.5
     n_rep = Hq // key.shape[1]
     softcap = kwargs.get("softcap")
+    off = _key_offset(session, q_len, k_len)
     k_e, v_e = _repeat(key, n_rep), _repeat(value, n_rep)
     mask = additive_mask(module, attention_mask, q_len, k_len, dev)
     bias = torch.zeros(1, 1, q_len, k_len, device=dev) if mask is None else mask
@@ -324,14 +333,14 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
         for ko in a.knockouts:
             hm = _heads_mask(ko.heads, ad, dev)[..., layer, :]  # [H] or per example [B, H]
             hm = hm[None] if hm.ndim == 1 else hm
-            src = _group(groups, ko.src, k_len, dev)
-            dst = _group(groups, ko.dst, k_len, dev)[:, k_len - q_len:]
+            src = _group(groups, ko.src, k_len, dev, off)
+            dst = _group(groups, ko.dst, k_len, dev, off)[:, k_len - q_len:]
             block = hm[:, :, None, None] & dst[:, None, :, None] & src[:, None, None, :]
             bias = bias.masked_fill(block, NEG)
         if a.image_attn is not None:
             fac = a.image_attn.to(dev)[layer]  # [H]
-            img = _group(groups, "image", k_len, dev)
-            aft = _group(groups, "after_image", k_len, dev)[:, k_len - q_len:]
+            img = _group(groups, "image", k_len, dev, off)
+            aft = _group(groups, "after_image", k_len, dev, off)[:, k_len - q_len:]
             logf = torch.log(fac).clamp(min=NEG)
             add = logf[None, :, None, None] * (aft[:, None, :, None] & img[:, None, None, :])
             bias = bias + torch.nan_to_num(add, nan=0.0)
@@ -339,17 +348,24 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
     out = torch.matmul(probs, v_e.float())
     if session.recorder is not None:
         g = groups if groups is not None else session.groups_for(None)
-        img = _group(g, "image", k_len, dev)
-        aft = _group(g, "after_image", k_len, dev)[:, k_len - q_len:]
-        last = _group(g, "last", k_len, dev)[:, k_len - q_len:]
+        img = _group(g, "image", k_len, dev, off)
+        aft = _group(g, "after_image", k_len, dev, off)[:, k_len - q_len:]
+        last = _group(g, "last", k_len, dev, off)[:, k_len - q_len:]
         session.recorder.add(layer, probs, img, aft, last)
     abl = session.ablation()
     if abl is not None and layer in abl.ablate_layers:
         am = abl.ablate[..., layer, :].to(dev)  # [B|1, H]
         groups = session.groups_for(abl)
-        img = _group(groups, "image", k_len, dev)
-        aft = _group(groups, "after_image", k_len, dev)[:, k_len - q_len:]
-        kb, vb = abl.baseline.kv(layer, key, value, img)  # key/value with image positions replaced
+        img = _group(groups, "image", k_len, dev, off)
+        aft = _group(groups, "after_image", k_len, dev, off)[:, k_len - q_len:]
+        # image ordinals by absolute position: a sliding-window cache may have dropped the first ones
+        full = _pad_group(groups["image"].to(dev), off + k_len, False)
+        n_img = full.sum(1)
+        if not bool((n_img == n_img[0]).all()):
+            raise HeadsteerError(f"the rows of this batch have {n_img.tolist()} image positions; ablation with a baseline "
+                                 "needs the same number in every row: use baseline='zero', or images of one size")
+        ordinals = (full.long().cumsum(1) - 1)[:, off:]
+        kb, vb = abl.baseline.kv(layer, key, value, img, ordinals, int(n_img[0]))  # image positions replaced
         probs_b = torch.softmax(_scores(query, _repeat(kb, n_rep), scaling, softcap) + bias, dim=-1)
         out_b = torch.matmul(probs_b, _repeat(vb, n_rep).float())
         sel = am[:, :, None, None] & aft[:, None, :, None]
@@ -381,18 +397,21 @@ def _groups_hook(session: _Session):
     def hook(mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        if ids is None or (continuing and session.groups is not None):
+        # Tokens seen before this forward: a sliding-window layer's cache keeps only the last
+        # keys, and groups are aligned by absolute position (see _key_offset).
+        session.past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if ids is None or (session.past > 0 and session.groups is not None):
             return None  # decoding: keep the prompt's groups; new tokens count as text after the image
         am = kwargs.get("attention_mask")
         patches = session.object_patches[-1] if session.object_patches else None
         session.groups = session.ad.token_groups(ids, am, patches)
-        if (session.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None
-                and not session.ad.model_type.startswith("qwen")):
-            # Positions count from the first real token (as generate() does), so that a padded row
-            # sees the same rotary phases as the same prompt alone — and as the baseline's keys.
-            kwargs["position_ids"] = (am.long().cumsum(-1) - 1).clamp(min=0)
-            return args, kwargs
+        if session.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None:
+            # Positions count from the first real token, so that a padded row sees the same rotary
+            # phases as the same prompt alone — and as the baseline's keys.
+            pos = session.ad.padded_position_ids(am)
+            if pos is not None:
+                kwargs["position_ids"] = pos
+                return args, kwargs
         return None
 
     return hook

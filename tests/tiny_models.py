@@ -143,7 +143,9 @@ def _paligemma(batch):
     cfg = PaliGemmaConfig(vision_config=SiglipVisionConfig(**SIGLIP), text_config=GemmaConfig(**TEXT), image_token_index=IMG,
                           projection_dim=32)
     ids, am = _ids(16, batch, prompt_len=0)
-    return PaliGemmaForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 3, 32, 32))
+    # as its processor makes them: 0 for the prefix (image + prompt), 1 would mark a suffix
+    return PaliGemmaForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 3, 32, 32),
+                                                         token_type_ids=torch.zeros_like(ids))
 
 
 def _mistral3(batch):
