@@ -71,7 +71,7 @@ def test_local_boxes_become_object_patches(tmp_path, default_model):
     ds = load_local_vqa(tmp_path / "d.jsonl")
     assert ds[0]["object_box"] == [0, 0, 64, 64, 128, 128]
     model, proc = default_model
-    flow = flow_dataset(model, proc, ds, n_images=1, measure="logit")
+    flow = flow_dataset(model, proc, ds, n_images=1, measure="logit_diff")
     assert {"object->last", "background->last"} <= set(flow["edges"])
     (tmp_path / "e.jsonl").write_text(json.dumps({**rows[0], "box": "0,0,300,10"}))
     with pytest.raises(HeadsteerError, match="box .* inside a 128x128 image"):
