@@ -46,18 +46,28 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
 
 
 def edit_names(paths) -> list[str]:
-    """Distinct table names for edit files: the file's stem, or as much of its path as tells it
-    apart from the others (two ``a.json`` in different folders), never the reference's name."""
-    levels = [[Path(p).stem, Path(p).with_suffix("").as_posix(), Path(p).as_posix()] for p in paths]
-    names = [lv[0] for lv in levels]
-    for depth in (1, 2):
-        clash = {n for n in names if names.count(n) > 1 or n == "unedited"}
-        names = [lv[depth] if n in clash else n for n, lv in zip(names, levels)]
+    """Distinct table names for edit files: the file's stem, or as many of its last path parts as
+    tell it apart from the others (two ``a.json`` in different folders: ``d1/a``, ``d2/a``), never
+    the reference's name ``unedited``."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    depth = [1] * len(paths)
+
+    def name(i):
+        return "/".join(parts[i][-depth[i]:])
+
+    while True:
+        names = [name(i) for i in range(len(paths))]
+        clash = [i for i, n in enumerate(names) if (names.count(n) > 1 or n == "unedited") and depth[i] < len(parts[i])]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    names = [Path(p).name if n == "unedited" else n for n, p in zip(names, paths)]  # a bare unedited.json
     seen: dict[str, int] = {}
     out = []
-    for n in names:  # the same file given twice, or "unedited" with no folder to tell it apart
+    for n in names:  # the same file given twice
         seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 and n != "unedited" else f"{n} #{seen[n]}")
+        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
     return out
 
 

@@ -267,3 +267,11 @@ def test_a_run_folder_refuses_a_model_under_an_open_intervention(default_model, 
         with pytest.raises(HeadsteerError, match="pass the edit as edit="):
             evaluate(model, proc, ds, ("accuracy",), out_dir=tmp_path / "ev")
     assert len(evaluate(model, proc, ds, ("accuracy",), out_dir=tmp_path / "ev")) == 2
+
+
+def test_compare_edit_names_are_distinct_and_short():
+    from headsteer.eval.cli import edit_names
+
+    assert edit_names(["/x/d1/a.json", "/x/d2/a.json", "b.json", "b.json", "x/unedited.json"]) == \
+        ["d1/a", "d2/a", "b", "b #2", "x/unedited"]
+    assert edit_names(["a.json", "unedited.json"]) == ["a", "unedited.json"]
