@@ -30,6 +30,19 @@ FAMILIES = {
     "internvl": "InternVL (transformers-native)",
     "aya_vision": "Aya Vision",
     "vipllava": "VipLLaVA",
+    "llava_next_video": "LLaVA-NeXT-Video",
+    "video_llava": "Video-LLaVA",
+    "idefics2": "Idefics2",
+    "got_ocr2": "GOT-OCR 2.0",
+    "deepseek_vl": "DeepSeek-VL",
+    "deepseek_vl_hybrid": "DeepSeek-VL hybrid (SigLIP + SAM towers)",
+    "janus": "Janus (understanding path)",
+    "ovis2": "Ovis2",
+    "aria": "Aria (MoE text model)",
+    "fuyu": "Fuyu (patches fed straight to the decoder)",
+    "cohere2_vision": "Command A Vision (sliding window)",
+    "shieldgemma2": "ShieldGemma 2",
+    "lighton_ocr": "LightOnOCR",
 }
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
@@ -77,6 +90,7 @@ class Adapter:
     image_token_id: int
     pad_token_id: int | None = None
     processor: object = field(default=None, repr=False)
+    video_token_id: int | None = None  # video frames are image tokens too
 
     @property
     def num_layers(self) -> int:
@@ -107,8 +121,9 @@ class Adapter:
 
     # -- positions ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """bool [B, T]: positions holding image features."""
-        return input_ids == self.image_token_id
+        """bool [B, T]: positions holding image (or video-frame) features."""
+        img = input_ids == self.image_token_id
+        return img if self.video_token_id is None else img | (input_ids == self.video_token_id)
 
     def token_groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      object_patches: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -157,6 +172,8 @@ class Adapter:
         tok = getattr(self.processor, "tokenizer", None)
         ids = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
         ids.add(self.image_token_id)
+        if self.video_token_id is not None:
+            ids.add(self.video_token_id)
         if self.pad_token_id is not None:
             ids.add(self.pad_token_id)
         return torch.isin(input_ids, torch.tensor(sorted(ids), device=input_ids.device))
@@ -239,6 +256,21 @@ def _as_image(im):
         raise HeadsteerError(f"cannot read image {im}: {e}") from None
 
 
+def _kv_heads(mod: nn.Module, num_heads: int, head_dim: int) -> int | None:
+    """KV heads of an attention module, from the module itself (a config's num_key_value_heads is
+    not always used: Persimmon/Fuyu ignore it)."""
+    groups = getattr(mod, "num_key_value_groups", None)
+    if groups:
+        return num_heads // groups
+    k = getattr(mod, "k_proj", None)
+    if isinstance(k, nn.Linear):
+        return k.out_features // head_dim
+    qkv = getattr(mod, "query_key_value", None)
+    if isinstance(qkv, nn.Linear):
+        return (qkv.out_features // head_dim - num_heads) // 2
+    return None
+
+
 def get_adapter(model: nn.Module, processor=None) -> Adapter:
     """The adapter of a loaded model (cached on the model object)."""
     cached = getattr(model, "_headsteer_adapter", None)
@@ -260,11 +292,13 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     image_token_id = next((getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None), None)
     if image_token_id is None:
         raise HeadsteerError(f"{mtype}: config names no image token id (image_token_id / image_token_index)")
+    video_token_id = next((getattr(cfg, a) for a in ("video_token_id", "video_token_index") if getattr(cfg, a, None) is not None), None)
     num_heads = tcfg.num_attention_heads
-    num_kv = getattr(tcfg, "num_key_value_heads", None) or num_heads
     head_dim = getattr(mods[0], "head_dim", None) or getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
+    num_kv = _kv_heads(mods[0], num_heads, head_dim) or getattr(tcfg, "num_key_value_heads", None) or num_heads
     ad = Adapter(model=model, model_type=mtype, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
                  head_dim=head_dim, image_token_id=int(image_token_id),
-                 pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor)
+                 pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor,
+                 video_token_id=None if video_token_id is None else int(video_token_id))
     model._headsteer_adapter = ad
     return ad

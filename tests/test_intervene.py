@@ -4,9 +4,13 @@ import torch
 
 from headsteer import Knockout, Spec, get_adapter, intervene
 from headsteer.baseline import ZeroBaseline, TensorBaseline
-from tiny_models import BUILDERS, other_pixels, tiny
+from tiny_models import BUILDERS, MHA, alone_row, other_pixels, tiny
 
 FAMILIES = sorted(BUILDERS)
+GQA_FAMILIES = sorted(set(BUILDERS) - MHA)
+# cached generation == a full uncached forward, one family per mechanism: plain rotary, 3D rotary,
+# sliding windows shorter than the prompt (gemma3, cohere2_vision), fused QKV without GQA (fuyu)
+CACHED = ["llava", "qwen2_vl", "gemma3", "cohere2_vision", "fuyu"]
 
 
 def last_logits(model, inputs):
@@ -89,7 +93,7 @@ def head_outputs(model, inputs, layer, spec=None):
     return got["x"].view(B, T, ad.num_heads, ad.head_dim)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "mistral3"])
+@pytest.mark.parametrize("family", GQA_FAMILIES)
 def test_gqa_ablation_is_per_query_head(family):
     model, inputs = tiny(family)
     ad = get_adapter(model)
@@ -119,7 +123,7 @@ def test_image_positions_are_untouched_by_ablation(family):
     assert (out[:, -1] - ref[:, -1]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "internvl", "paligemma"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_per_example_masks_and_left_padding(family):
     """Each batch element gets its own head mask; results equal running it alone, unpadded."""
     model, inputs = tiny(family, batch=3)
@@ -130,27 +134,13 @@ def test_per_example_masks_and_left_padding(family):
     with intervene(model, ablate=masks, baseline=base):
         batched = last_logits(model, inputs)
     for b in range(3):
-        keep = inputs["attention_mask"][b].bool()
-        seq_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-        single = {k: v[b : b + 1][:, keep] if k in seq_keys else v for k, v in inputs.items()}
-        single["pixel_values"] = _pixels_of(family, inputs, b)
-        for key in ("image_sizes", "image_grid_thw", "pixel_attention_mask"):
-            if key in inputs:
-                single[key] = inputs[key][b : b + 1]
+        single = alone_row(family, inputs, b)
         with intervene(model, ablate=masks[b : b + 1], baseline=base):
             alone = last_logits(model, single)
         torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-5, rtol=1e-4)
 
 
-def _pixels_of(family, inputs, b):
-    pv = inputs["pixel_values"]
-    if family.startswith("qwen"):
-        n = pv.shape[0] // inputs["image_grid_thw"].shape[0]
-        return pv[b * n : (b + 1) * n]
-    return pv[b : b + 1]
-
-
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])  # gemma3: sliding window shorter than the prompt
+@pytest.mark.parametrize("family", CACHED)
 @pytest.mark.parametrize("what", ["ablate", "image_attn", "steer"])
 def test_interventions_hold_during_cached_generation(family, what):
     """Logits of a cached decoding step equal a full uncached forward over the same tokens."""

@@ -171,6 +171,143 @@ def _internvl(batch):
     return InternVLForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 3, 32, 32))
 
 
+def _plain(Model, Cfg, n_img, batch, pixels, **cfg):
+    """A family whose image tokens are one contiguous run of ``n_img`` tokens: model, batch."""
+    ids, am = _ids(n_img, batch)
+    return Model(Cfg(**cfg)), dict(input_ids=ids, attention_mask=am, **pixels(batch))
+
+
+def _pix(*shape, **extra):
+    """pixels(batch) -> {"pixel_values": randn(batch, *shape), **extra(batch)}"""
+    def make(batch):
+        out = {"pixel_values": torch.randn(batch, *shape)}
+        out.update({k: f(batch) for k, f in extra.items()})
+        return out
+    return make
+
+
+SAM = dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16,
+           mlp_dim=64, global_attn_indexes=[0], window_size=2, initializer_range=0.2)
+WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+
+
+def _llava_next_video(batch):
+    import transformers as tf
+
+    return _plain(tf.LlavaNextVideoForConditionalGeneration, tf.LlavaNextVideoConfig, 16 + 4 * 5, batch,
+                  _pix(2, 3, 32, 32, image_sizes=lambda b: torch.tensor([[32, 32]] * b)),
+                  vision_config=tf.CLIPVisionConfig(**CLIP), text_config=tf.LlamaConfig(**TEXT), image_token_index=IMG,
+                  video_token_index=89, image_grid_pinpoints=[[32, 32]], vision_feature_layer=-1, image_seq_length=16)
+
+
+def _video_llava(batch):
+    import transformers as tf
+
+    def pixels(b):
+        return {"pixel_values_images": torch.randn(b, 3, 32, 32)}
+    return _plain(tf.VideoLlavaForConditionalGeneration, tf.VideoLlavaConfig, 16, batch, pixels,
+                  vision_config=tf.CLIPVisionConfig(**CLIP), text_config=tf.LlamaConfig(**TEXT), image_token_index=IMG,
+                  video_token_index=89, vision_feature_layer=-1, image_seq_length=16)
+
+
+def _idefics2(batch):
+    import transformers as tf
+
+    perceiver = dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                     num_key_value_heads=1)
+    return _plain(tf.Idefics2ForConditionalGeneration, tf.Idefics2Config, 4, batch,
+                  _pix(1, 3, 32, 32, pixel_attention_mask=lambda b: torch.ones(b, 1, 32, 32, dtype=torch.bool)),
+                  vision_config=dict(SIGLIP), perceiver_config=perceiver, text_config=tf.MistralConfig(**TEXT), image_token_id=IMG)
+
+
+def _got_ocr2(batch):
+    import transformers as tf
+
+    return _plain(tf.GotOcr2ForConditionalGeneration, tf.GotOcr2Config, 1, batch, _pix(3, 64, 64),
+                  vision_config=dict(SAM), text_config=tf.Qwen2Config(**TEXT), image_token_index=IMG)
+
+
+def _deepseek_vl(batch, hybrid=False):
+    import transformers as tf
+
+    if hybrid:
+        return _plain(tf.DeepseekVLHybridForConditionalGeneration, tf.DeepseekVLHybridConfig, 16, batch,
+                      _pix(3, 32, 32, high_res_pixel_values=lambda b: torch.randn(b, 3, 64, 64)),
+                      vision_config=dict(SIGLIP), high_res_vision_config=dict(SAM), text_config=dict(TEXT), image_token_id=IMG)
+    return _plain(tf.DeepseekVLForConditionalGeneration, tf.DeepseekVLConfig, 16, batch, _pix(3, 32, 32),
+                  vision_config=dict(SIGLIP), text_config=dict(TEXT), image_token_id=IMG)
+
+
+def _janus(batch):
+    import transformers as tf
+
+    vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1], num_res_blocks=1, projection_dim=32,
+              image_token_embed_dim=32, num_patches=4, latent_channels=8)
+    return _plain(tf.JanusForConditionalGeneration, tf.JanusConfig, 16, batch, _pix(3, 32, 32),
+                  vision_config=dict(SIGLIP, projection_dim=32, depth=1), text_config=dict(TEXT), vq_config=vq, image_token_id=IMG)
+
+
+def _ovis2(batch):
+    import transformers as tf
+
+    vision = dict(SIGLIP, hidden_stride=2, vocab_size=16, num_visual_indicator_tokens=5)
+    return _plain(tf.Ovis2ForConditionalGeneration, tf.Ovis2Config, 4, batch, _pix(3, 32, 32),
+                  vision_config=vision, text_config=dict(TEXT), image_token_id=IMG, visual_indicator_token_ids=[80, 81, 82, 83, 84],
+                  vocab_size=VOCAB, hidden_size=32)
+
+
+def _aria(batch):
+    import transformers as tf
+
+    text = dict(TEXT, moe_num_experts=2, moe_topk=1, moe_num_shared_experts=1, model_type="aria_text")
+    return _plain(tf.AriaForConditionalGeneration, tf.AriaConfig, 4, batch,
+                  _pix(3, 32, 32, pixel_mask=lambda b: torch.ones(b, 32, 32, dtype=torch.bool)),
+                  vision_config=dict(SIGLIP), text_config=text, projector_patch_to_query_dict={16: 4}, image_token_index=IMG)
+
+
+def _fuyu(batch):
+    import transformers as tf
+
+    def pixels(b):
+        return {"pixel_values": torch.randn(b, 16, 3 * 8 * 8)}
+    return _plain(tf.FuyuForCausalLM, tf.FuyuConfig, 16, batch, pixels, text_config=dict(TEXT, model_type="persimmon"),
+                  vocab_size=VOCAB, hidden_size=32, patch_size=8, num_channels=3, image_token_id=IMG)
+
+
+def _cohere2_vision(batch):
+    import transformers as tf
+
+    return _plain(tf.Cohere2VisionForConditionalGeneration, tf.Cohere2VisionConfig, 4, batch, _pix(3, 32, 32),
+                  vision_config=dict(SIGLIP), text_config=dict(TEXT, **WINDOWED, model_type="cohere2"), image_token_id=IMG,
+                  downsample_factor=2)
+
+
+def _shieldgemma2(batch):
+    import transformers as tf
+
+    model, inputs = _plain(tf.Gemma3ForConditionalGeneration, tf.ShieldGemma2Config, 4, batch, _pix(3, 32, 32),
+                           vision_config=dict(SIGLIP), text_config=dict(TEXT, **WINDOWED, query_pre_attn_scalar=8),
+                           image_token_index=IMG, mm_tokens_per_image=4, boi_token_index=85, eoi_token_index=86)
+    _randomise_projector(model)
+    return model, inputs
+
+
+def _lighton_ocr(batch):
+    import transformers as tf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                  head_dim=16)
+    return _plain(tf.LightOnOcrForConditionalGeneration, tf.LightOnOcrConfig, 4, batch,
+                  _pix(3, 32, 32, image_sizes=lambda b: torch.tensor([[32, 32]] * b)),
+                  vision_config=vision, text_config=dict(TEXT), image_token_id=IMG, spatial_merge_size=2)
+
+
+def _randomise_projector(model):
+    for p in model.model.multi_modal_projector.parameters():  # initialised to zeros: the image would not matter
+        if p.ndim == 2:
+            torch.nn.init.normal_(p, std=0.5)
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -186,6 +323,20 @@ BUILDERS = {
     "internvl": _internvl,
     "aya_vision": _aya,
     "vipllava": _vipllava,
+    # adapter-only families added with issue 10
+    "llava_next_video": _llava_next_video,
+    "video_llava": _video_llava,
+    "idefics2": _idefics2,
+    "got_ocr2": _got_ocr2,
+    "deepseek_vl": _deepseek_vl,
+    "deepseek_vl_hybrid": lambda b: _deepseek_vl(b, hybrid=True),
+    "janus": _janus,
+    "ovis2": _ovis2,
+    "aria": _aria,
+    "fuyu": _fuyu,
+    "cohere2_vision": _cohere2_vision,
+    "shieldgemma2": _shieldgemma2,
+    "lighton_ocr": _lighton_ocr,
 }
 
 
@@ -200,5 +351,29 @@ def other_pixels(inputs, seed=1):
     """The same batch with different random pixels."""
     g = torch.Generator().manual_seed(seed)
     out = dict(inputs)
-    out["pixel_values"] = torch.randn(inputs["pixel_values"].shape, generator=g)
+    for k, v in inputs.items():
+        if "pixel_values" in k:
+            out[k] = torch.randn(v.shape, generator=g)
+    return out
+
+
+MHA = {"fuyu"}  # families whose text model has one KV head per query head (no GQA to test)
+SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def alone_row(family, inputs, b):
+    """Row ``b`` of a left-padded batch as its own unpadded batch of one."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {}
+    for k, v in inputs.items():
+        if k in SEQ_KEYS:
+            out[k] = v[b : b + 1][:, keep]
+        elif k == "pixel_values" and "image_grid_thw" in inputs:  # flattened patches of every image
+            sizes = inputs["image_grid_thw"].prod(-1).tolist()
+            start = sum(sizes[:b])
+            out[k] = v[start : start + sizes[b]]
+        elif torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == inputs["input_ids"].shape[0]:
+            out[k] = v[b : b + 1]
+        else:
+            out[k] = v
     return out

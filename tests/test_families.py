@@ -1,0 +1,45 @@
+"""Family-specific layouts beyond the one-image prompts of tiny_models: video frames as image tokens,
+and the family registry (every model type transformers maps to image-text-to-text is either
+supported or refused with its reason)."""
+import pytest
+import torch
+
+from headsteer import get_adapter, intervene
+from headsteer.attribution.engine import SuffixRunner, naive_logits
+from headsteer.baseline import ZeroBaseline
+from test_intervene import last_logits, mean_like_baseline
+from tiny_models import IMG, _ids, tiny
+
+VIDEO = 89  # video token id of the tiny video families
+VIDEO_TOKENS = {"video_llava": 34, "llava_next_video": 8}  # 2 frames of 32x32
+
+
+def video_inputs(family, batch=2, seed=0):
+    model, _ = tiny(family, batch=batch)
+    ids, am = _ids(VIDEO_TOKENS[family], batch)
+    ids[ids == IMG] = VIDEO
+    g = torch.Generator().manual_seed(seed)
+    return model, dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.randn(batch, 2, 3, 32, 32, generator=g))
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_TOKENS))
+@pytest.mark.parametrize("kind", ["zero", "tensor"])
+def test_video_frames_are_image_tokens(family, kind):
+    model, inputs = video_inputs(family)
+    _, other = video_inputs(family, seed=1)
+    ad = get_adapter(model)
+    assert int(ad.image_mask(inputs["input_ids"])[0].sum()) == VIDEO_TOKENS[family]
+    assert (last_logits(model, inputs) - last_logits(model, other)).abs().max() > 1e-4
+    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim) if kind == "zero" else mean_like_baseline(model, inputs)
+    with intervene(model, ablate="*", baseline=base):
+        torch.testing.assert_close(last_logits(model, inputs), last_logits(model, other), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(VIDEO_TOKENS))
+def test_video_fast_equals_naive(family):
+    model, inputs = video_inputs(family, batch=1)
+    ad = get_adapter(model)
+    masks = torch.rand(4, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
+    base = mean_like_baseline(model, inputs)
+    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
+    torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
