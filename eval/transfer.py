@@ -6,10 +6,6 @@ with a blank image; (d) the share of (a) that the top-k attributed heads recover
 heads ablated). Logits are those of the answer's first token at the last prompt position."""
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-
 import torch
 
 from headsteer.adapters import get_adapter
@@ -23,30 +19,10 @@ from .accuracy import candidate_token_ids, predict_closed, single_token_ids
 MIN_RELIANCE = 1e-6
 
 
-@contextlib.contextmanager
-def _scratch_baseline_cache():
-    # The mean-baseline cache is keyed by the weights (headsteer.baseline), which a hook edit
-    # (scale, attn, steer) leaves unchanged: without this an edited model would be handed the
-    # unedited model's cached mean K/V. as_baseline takes no cache_dir, so the documented
-    # HEADSTEER_CACHE setting is pointed at a scratch folder for the duration.
-    old = os.environ.get("HEADSTEER_CACHE")
-    with tempfile.TemporaryDirectory(prefix="headsteer-edited-baseline-") as d:
-        os.environ["HEADSTEER_CACHE"] = d
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("HEADSTEER_CACHE", None)
-            else:
-                os.environ["HEADSTEER_CACHE"] = old
-
-
 def edited_baseline(model, processor, baseline, dataset=None, edited: bool = False) -> Baseline:
     """The baseline an ablation reads, computed from the model as it is now. Call it inside the
-    edit's context, so that an edited model ablates towards its own mean/blank image K/V."""
-    if edited and isinstance(baseline, str) and baseline == "mean":
-        with _scratch_baseline_cache():
-            return as_baseline(model, processor, baseline, dataset)
+    edit's context, so that an edited model ablates towards its own mean/blank image K/V (the mean
+    baseline's disk cache is bypassed while a hook edit is active: headsteer.baseline)."""
     return as_baseline(model, processor, baseline, dataset)
 
 

@@ -21,7 +21,7 @@ from .data import easy_vqa_images
 from .errors import HeadsteerError
 from .files import save_safetensors
 from .fingerprint import config_fingerprint, processor_fingerprint, weights_fingerprint
-from .intervene import intervene
+from .intervene import intervene, is_intervened
 
 KINDS = ("mean", "blank", "zero")
 
@@ -149,7 +149,9 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
     """Build a baseline. ``reference``: list of PIL images for ``mean`` (default: easy-VQA train images).
 
     ``mean`` baselines are cached as safetensors under ``cache_dir`` (default
-    ``~/.cache/headsteer``) keyed by model, reference set and prompt.
+    ``~/.cache/headsteer``) keyed by model, reference set and prompt — except while an
+    intervention is active on the model (e.g. a hook edit): no fingerprint of the weights sees it,
+    so that baseline is computed afresh and not cached.
     """
     ad = get_adapter(model, processor)
     if isinstance(kind, Baseline):
@@ -176,12 +178,14 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
     key = hashlib.sha256(f"{_model_hash(model)}|{proc_hash}|{ref_name}|{question}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("HEADSTEER_CACHE", Path.home() / ".cache" / "headsteer"))
     path = cache / f"baseline-mean-{key}.safetensors"
-    if path.exists():
+    cacheable = not is_intervened(model)
+    if cacheable and path.exists():
         return TensorBaseline.load(path)
     k, v = capture_image_kv(model, processor, reference, [question] * len(reference))
     b = TensorBaseline(k, v, "mean", {"reference": ref_name, "n": len(reference), "question": question})
-    cache.mkdir(parents=True, exist_ok=True)
-    b.save(path)
+    if cacheable:
+        cache.mkdir(parents=True, exist_ok=True)
+        b.save(path)
     return b
 
 

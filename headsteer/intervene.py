@@ -506,6 +506,13 @@ def _remove_hooks(handles: list):
     handles.clear()
 
 
+def is_intervened(model) -> bool:
+    """True while an intervention (an edit applied as hooks, an ablation ...) is active on ``model``:
+    its outputs then differ from what its weights alone say."""
+    session = model.__dict__.get(_SESSION)
+    return session is not None and bool(session.actives)
+
+
 def intervene(model, spec: Spec | None = None, *, processor=None, object_patches=None, recorder: Recorder | None = None,
               capture: dict | None = None, **fields) -> Intervention:
     """``with intervene(model, Spec(...)): model(**inputs)`` — or pass the Spec fields as keywords.
