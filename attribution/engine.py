@@ -74,13 +74,22 @@ class SuffixRunner:
         self.P = int(img.nonzero().max()) + 1
         if self.P >= ids.shape[1]:
             raise HeadsteerError("the prompt ends with the image: there is no text after it to ablate")
-        pre = {k: (v[:, : self.P] if k in _SEQ_KEYS and torch.is_tensor(v) else v) for k, v in self.inputs.items()}
         self.device, self.dtype = _model_device_dtype(model)
+        self.positions = None
         # A plain DynamicCache keeps every prefix position, also for sliding-window layers; the
         # prefix runs under the same attention arithmetic as every ablated forward.
         with torch.no_grad(), tf32_for(self.dtype, self.device), intervene(model, fp32_attention=True):
-            out = model(**pre, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        self.prefix = Prefix(PrefixCache(out.cache), img[: self.P])
+            if self.ad.own_positions:
+                # Positions come from the whole prompt's layout (3D RoPE: the image grid, the markers
+                # after it): run the whole prompt once, keep the positions the model gave its language
+                # model and the prefix part of the cache (the prefix is causal, so it is the same).
+                out, pos = _with_positions(model, self.ad, dict(self.inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1))
+                self.positions = pos[..., self.P :]
+                cache = PrefixCache(out.cache, self.P)
+            else:
+                pre = {k: (v[:, : self.P] if k in _SEQ_KEYS and torch.is_tensor(v) else v) for k, v in self.inputs.items()}
+                cache = PrefixCache(model(**pre, cache=DynamicCache(), use_cache=True, logits_to_keep=1).cache)
+        self.prefix = Prefix(cache, img[: self.P])
         self.suffix = ids[:, self.P :]
         self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
 
@@ -93,9 +102,29 @@ class SuffixRunner:
                 m = masks[i : i + self.chunk]
                 with intervene(self.model, Spec(ablate=m, baseline=self.baseline, prefix=self.prefix)):
                     ids = self.suffix.expand(len(m), -1)
-                    logits = self.model(input_ids=ids, cache=self.prefix.cache, use_cache=True, logits_to_keep=1).logits
+                    kw = {}
+                    if self.positions is not None:
+                        kw["position_ids"] = self.positions.expand(*self.positions.shape[:-2], len(m), -1)
+                    logits = self.model(input_ids=ids, cache=self.prefix.cache, use_cache=True, logits_to_keep=1, **kw).logits
                 outs.append(logits[:, -1].float())
         return torch.cat(outs).cpu()
+
+
+def _with_positions(model, ad, inputs):
+    """(output, position ids the model passed to its language model) of one forward."""
+    got = {}
+
+    def hook(mod, args, kwargs):
+        got.setdefault("pos", kwargs.get("position_ids"))
+
+    handle = ad.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = model(**inputs)
+    finally:
+        handle.remove()
+    if got.get("pos") is None:
+        raise HeadsteerError(f"{ad.model_type}: the model gave its language model no position ids; use fast=False")
+    return out, got["pos"]
 
 
 @torch.no_grad()

@@ -43,12 +43,23 @@ FAMILIES = {
     "cohere2_vision": "Command A Vision (sliding window)",
     "shieldgemma2": "ShieldGemma 2",
     "lighton_ocr": "LightOnOCR",
+    "glm4v": "GLM-4.1V / GLM-4.5V text (3D RoPE)",
+    "glm46v": "GLM-4.6V",
+    "glm4v_moe": "GLM-4.5V (MoE)",
+    "qwen3_vl_moe": "Qwen3-VL MoE",
+    "ernie4_5_vl_moe": "ERNIE 4.5 VL (MoE)",
+    "paddleocr_vl": "PaddleOCR-VL",
+    "qwen2_5_omni_thinker": "Qwen2.5-Omni thinker (image/video input)",
+    "qwen3_omni_moe_thinker": "Qwen3-Omni thinker (image/video input)",
 }
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 
-# Families whose forward derives positions from the token layout itself (3D multimodal RoPE).
-OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+# Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
+# count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
+# cached steps, so headsteer passes no position ids.
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "ernie4_5_vl_moe",
+                 "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}
 
@@ -91,6 +102,12 @@ class Adapter:
     pad_token_id: int | None = None
     processor: object = field(default=None, repr=False)
     video_token_id: int | None = None  # video frames are image tokens too
+    language_model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def own_positions(self) -> bool:
+        """True where the model's forward computes positions from the token layout (``OWN_POSITIONS``)."""
+        return self.model_type in OWN_POSITIONS
 
     @property
     def num_layers(self) -> int:
@@ -114,7 +131,7 @@ class Adapter:
         """Position ids for a left-padded batch, counted from each row's first real token as
         ``generate`` does, so a padded row equals the same prompt alone — or None where the family
         computes its positions itself (multimodal RoPE)."""
-        if self.model_type in OWN_POSITIONS:
+        if self.own_positions:
             return None
         start = POSITION_BASE.get(self.model_type, 0)
         return (attention_mask.long().cumsum(-1) - 1 + start).clamp(min=start)
@@ -299,6 +316,6 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     ad = Adapter(model=model, model_type=mtype, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
                  head_dim=head_dim, image_token_id=int(image_token_id),
                  pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor,
-                 video_token_id=None if video_token_id is None else int(video_token_id))
+                 video_token_id=None if video_token_id is None else int(video_token_id), language_model=lm)
     model._headsteer_adapter = ad
     return ad

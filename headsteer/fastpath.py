@@ -41,9 +41,11 @@ class _PrefixLayer(DynamicLayer):
 
 
 class PrefixCache(DynamicCache):
-    def __init__(self, cache: DynamicCache):
+    """The first ``length`` positions (default: all) of a filled cache, read-only."""
+
+    def __init__(self, cache: DynamicCache, length: int | None = None):
         super().__init__()
-        self.layers = [_PrefixLayer(layer.keys, layer.values) for layer in cache.layers]
+        self.layers = [_PrefixLayer(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers]
 
 
 class Prefix:

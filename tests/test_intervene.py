@@ -10,7 +10,7 @@ FAMILIES = sorted(BUILDERS)
 GQA_FAMILIES = sorted(set(BUILDERS) - MHA)
 # cached generation == a full uncached forward, one family per mechanism: plain rotary, 3D rotary,
 # sliding windows shorter than the prompt (gemma3, cohere2_vision), fused QKV without GQA (fuyu)
-CACHED = ["llava", "qwen2_vl", "gemma3", "cohere2_vision", "fuyu"]
+CACHED = ["llava", "qwen2_vl", "glm4v", "qwen2_5_omni_thinker", "gemma3", "cohere2_vision", "fuyu"]
 
 
 def last_logits(model, inputs):

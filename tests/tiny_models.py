@@ -2,6 +2,8 @@
 configs, with a ready batch (input_ids with image tokens, pixel inputs) — no hub access needed."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 VOCAB = 96
@@ -308,6 +310,83 @@ def _randomise_projector(model):
             torch.nn.init.normal_(p, std=0.5)
 
 
+# -- multimodal RoPE families: [vision start][image x n][vision end], flattened patches + grid ------
+ROPE3D = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+QWEN3_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                    spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=[0])
+GLM_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=32, image_size=16)
+GLM_TEXT = dict(TEXT, head_dim=16, rope_parameters=dict(ROPE3D, partial_rotary_factor=0.5))
+TINY_MOE = dict(moe_intermediate_size=16, num_experts_per_tok=1)
+AUDIO = dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16, output_dim=32)
+
+
+def _mrope(Model, Cfg, batch, text, vision, markers=("vision_start_token_id", "vision_end_token_id"), patch=(3 * 2 * 4 * 4,),
+           **cfg):
+    """A 3D-RoPE family with one 4x4-patch image (4 tokens after the 2x2 merge) per row."""
+    cfg = Cfg(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=87, **{markers[0]: 88, markers[1]: 89}, **cfg)
+    n = 4
+    ids, am = _ids(n + 2, batch, pre=torch.cat([torch.tensor([88]), torch.full((n,), IMG), torch.tensor([89])]))
+    inputs = dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch * 16, *patch),
+                  image_grid_thw=torch.tensor([[1, 4, 4]] * batch))
+    if "mm_token_type_ids" in inspect.signature(Model.forward).parameters:  # not the omni thinkers
+        inputs["mm_token_type_ids"] = (ids == IMG).long()
+    return Model(cfg), inputs
+
+
+def _glm4v(batch, which):
+    import transformers as tf
+
+    Model, Cfg, text = {
+        "glm4v": (tf.Glm4vForConditionalGeneration, tf.Glm4vConfig, GLM_TEXT),
+        "glm46v": (tf.Glm46VForConditionalGeneration, tf.Glm46VConfig, GLM_TEXT),
+        "glm4v_moe": (tf.Glm4vMoeForConditionalGeneration, tf.Glm4vMoeConfig,
+                      dict(GLM_TEXT, **TINY_MOE, n_shared_experts=1, n_routed_experts=2, first_k_dense_replace=1, n_group=1,
+                           topk_group=1)),
+    }[which]
+    return _mrope(Model, Cfg, batch, text, dict(GLM_VISION), markers=("image_start_token_id", "image_end_token_id"))
+
+
+def _qwen3_vl_moe(batch):
+    import transformers as tf
+
+    text = dict(TEXT, **TINY_MOE, num_experts=2, rope_parameters=dict(ROPE3D, mrope_interleaved=True))
+    return _mrope(tf.Qwen3VLMoeForConditionalGeneration, tf.Qwen3VLMoeConfig, batch, text, dict(QWEN3_VISION))
+
+
+def _ernie4_5_vl_moe(batch):
+    import transformers as tf
+
+    text = dict(TEXT, rope_parameters=dict(ROPE3D), moe_intermediate_size=[16, 16], moe_k=1, moe_num_experts=2,
+                moe_num_shared_experts=1, mlp_layer_types=["dense", "sparse"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_merge_size=2)
+    return _mrope(tf.Ernie4_5_VLMoeForConditionalGeneration, tf.Ernie4_5_VLMoeConfig, batch, text, vision,
+                  markers=("image_start_token_id", "image_end_token_id"), patch=(3 * 4 * 4,))
+
+
+def _paddleocr_vl(batch):
+    import transformers as tf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+                  spatial_merge_size=2)
+    return _mrope(tf.PaddleOCRVLForConditionalGeneration, tf.PaddleOCRVLConfig, batch, dict(TEXT, rope_parameters=dict(ROPE3D)), vision,
+                  patch=(3, 4, 4))
+
+
+def _omni_thinker(batch, which):
+    import transformers as tf
+
+    if which == "qwen2_5_omni_thinker":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                      spatial_merge_size=2, out_hidden_size=32, window_size=16, fullatt_block_indexes=[0])
+        return _mrope(tf.Qwen2_5OmniThinkerForConditionalGeneration, tf.Qwen2_5OmniThinkerConfig, batch,
+                      dict(TEXT, rope_parameters=dict(ROPE3D)), vision, audio_config=dict(AUDIO))
+    text = dict(TEXT, **TINY_MOE, num_experts=2, rope_parameters=dict(ROPE3D, mrope_interleaved=True))
+    return _mrope(tf.Qwen3OmniMoeThinkerForConditionalGeneration, tf.Qwen3OmniMoeThinkerConfig, batch, text, dict(QWEN3_VISION),
+                  audio_config=dict(AUDIO, downsample_hidden_size=8))
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -337,6 +416,15 @@ BUILDERS = {
     "cohere2_vision": _cohere2_vision,
     "shieldgemma2": _shieldgemma2,
     "lighton_ocr": _lighton_ocr,
+    # multimodal RoPE
+    "glm4v": lambda b: _glm4v(b, "glm4v"),
+    "glm46v": lambda b: _glm4v(b, "glm46v"),
+    "glm4v_moe": lambda b: _glm4v(b, "glm4v_moe"),
+    "qwen3_vl_moe": _qwen3_vl_moe,
+    "ernie4_5_vl_moe": _ernie4_5_vl_moe,
+    "paddleocr_vl": _paddleocr_vl,
+    "qwen2_5_omni_thinker": lambda b: _omni_thinker(b, "qwen2_5_omni_thinker"),
+    "qwen3_omni_moe_thinker": lambda b: _omni_thinker(b, "qwen3_omni_moe_thinker"),
 }
 
 
