@@ -12,13 +12,26 @@ from headsteer.errors import HeadsteerError
 from headsteer.fastpath import Prefix, PrefixCache, tf32_for
 from headsteer.intervene import Spec, intervene
 
-# Prefix-LM families: image positions attend to the prompt text after them, so the prefix is not
-# invariant under ablation and the shared-prefix path would not be exact.
-NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt"}
+# Families that always take the naive path, and why. Prefix-LM families: image positions attend to
+# the prompt text after them, so the prefix is not invariant under ablation. Hybrid stacks: the
+# shared prefix would have to carry each recurrent/convolution layer's state at the end of the prefix
+# (one state broadcast to every mask) as it carries K/V; that is not built yet.
+_HYBRID = "only some layers are attention; the shared prefix does not carry the recurrent/convolution layers' state yet"
+NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
+                "qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID, "lfm2_vl": _HYBRID, "lfm3_vl": _HYBRID}
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
-__all__ = ["NO_FAST_PATH", "SuffixRunner", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
+__all__ = ["NO_FAST_PATH", "SuffixRunner", "fast_path_refusal", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
+
+
+def fast_path_refusal(ad) -> str | None:
+    """Why this model has no fast path (None: it has one)."""
+    if ad.model_type in NO_FAST_PATH:
+        return NO_FAST_PATH[ad.model_type]
+    if ad.hybrid:
+        return _HYBRID
+    return None
 
 
 def check_masks(masks, ad) -> torch.Tensor:
@@ -61,8 +74,9 @@ class SuffixRunner:
 
     def __init__(self, model, processor, image, question, baseline, inputs=None, chunk=None):
         self.model, self.ad = model, get_adapter(model, processor)
-        if self.ad.model_type in NO_FAST_PATH:
-            raise HeadsteerError(f"no fast path for {self.ad.model_type}: {NO_FAST_PATH[self.ad.model_type]}; use fast=False")
+        reason = fast_path_refusal(self.ad)
+        if reason is not None:
+            raise HeadsteerError(f"no fast path for {self.ad.model_type}: {reason}; use fast=False")
         self.baseline = baseline
         self.inputs = inputs if inputs is not None else self.ad.encode([image], [question])
         ids = self.inputs["input_ids"]
@@ -148,6 +162,6 @@ def ablated_logits(model, processor, image, question, masks, baseline="mean", fa
     ad = get_adapter(model, processor)
     base = as_baseline(model, processor, baseline)
     masks = check_masks(masks, ad)
-    if fast and ad.model_type not in NO_FAST_PATH:
+    if fast and fast_path_refusal(ad) is None:
         return SuffixRunner(model, processor, image, question, base, chunk=chunk)(masks)
     return naive_logits(model, processor, ad.encode([image], [question]), masks, base)

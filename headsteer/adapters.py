@@ -51,6 +51,10 @@ FAMILIES = {
     "paddleocr_vl": "PaddleOCR-VL",
     "qwen2_5_omni_thinker": "Qwen2.5-Omni thinker (image/video input)",
     "qwen3_omni_moe_thinker": "Qwen3-Omni thinker (image/video input)",
+    "qwen3_5": "Qwen3.5 (hybrid: gated delta-net + attention layers)",
+    "qwen3_5_moe": "Qwen3.5 MoE (hybrid)",
+    "lfm2_vl": "LFM2-VL (hybrid: short convolutions + attention layers)",
+    "lfm3_vl": "LFM3-VL (hybrid)",
 }
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
@@ -59,7 +63,7 @@ _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
 # cached steps, so headsteer passes no position ids.
 OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "ernie4_5_vl_moe",
-                 "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"}
+                 "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}
 
@@ -111,7 +115,19 @@ class Adapter:
 
     @property
     def num_layers(self) -> int:
+        """Attention layers of the language model. In hybrid stacks (some layers recurrent or
+        convolutional) heads exist only in the attention layers, and a HeadSet's layer index ``L<i>``
+        is the index among the attention layers; ``model_layer(i)`` gives the model's own index."""
         return len(self.attention)
+
+    def model_layer(self, layer: int) -> int:
+        """The model's own index of attention layer ``layer`` (differs in hybrid stacks)."""
+        return self.attention[layer].layer_idx
+
+    @property
+    def hybrid(self) -> bool:
+        """True when only some decoder layers are attention layers (the others recurrent/convolutional)."""
+        return len(self.attention) < self.text_config.num_hidden_layers
 
     @property
     def text_config(self):

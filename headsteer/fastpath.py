@@ -82,7 +82,7 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     R = M * G * s
     scaling = scaling if scaling is not None else d ** -0.5
     softcap = kwargs.get("softcap")
-    pk, pv = pre.kv(layer)  # [Hkv, P, d] fp32
+    pk, pv = pre.kv(module.layer_idx)  # [Hkv, P, d] fp32; the cache is indexed by the model's layer index
     P = pk.shape[1]
     # Scaled after the matmuls: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not.
     q = query.float().contiguous()  # [M, Hq, s, d]

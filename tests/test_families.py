@@ -6,9 +6,9 @@ import torch
 
 from headsteer import get_adapter, intervene
 from headsteer.attribution.engine import SuffixRunner, naive_logits
-from headsteer.baseline import ZeroBaseline
+from headsteer.baseline import TensorBaseline, ZeroBaseline
 from test_intervene import last_logits, mean_like_baseline
-from tiny_models import IMG, _ids, tiny
+from tiny_models import HYBRID, IMG, _ids, tiny
 
 VIDEO = 89  # video token id of the tiny video families
 VIDEO_TOKENS = {"video_llava": 34, "llava_next_video": 8}  # 2 frames of 32x32
@@ -43,3 +43,29 @@ def test_video_fast_equals_naive(family):
     base = mean_like_baseline(model, inputs)
     fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
     torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(HYBRID))
+def test_hybrid_ablation_acts_on_attention_layers_only(family):
+    """In a hybrid stack image information also reaches the text through recurrent/convolution
+    layers (no heads there), so all-head ablation cannot make the answer image-independent. What
+    holds: ablating every head with the prompt's own image K/V as the baseline changes nothing,
+    a zero baseline changes the answer, image positions are untouched, and heads are numbered by
+    attention layer (HeadSet L1 = the second attention layer)."""
+    model, inputs = tiny(family, batch=1)
+    ad = get_adapter(model)
+    img = ad.image_mask(inputs["input_ids"])[0]
+    cap = {}
+    with torch.no_grad(), intervene(model, capture=cap):
+        ref = model(**inputs).logits
+    assert sorted(cap) == [0, 1]
+    own = TensorBaseline(torch.stack([cap[l][0][0][:, img] for l in range(2)]), torch.stack([cap[l][1][0][:, img] for l in range(2)]),
+                         "own")
+    with torch.no_grad():
+        with intervene(model, ablate="*", baseline=own):
+            same = model(**inputs).logits
+        with intervene(model, ablate="L1H*", baseline=ZeroBaseline(ad.num_kv_heads, ad.head_dim)):
+            zero = model(**inputs).logits
+    torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zero[0, img], ref[0, img], atol=1e-5, rtol=1e-5)
+    assert (zero[0, -1] - ref[0, -1]).abs().max() > 1e-4

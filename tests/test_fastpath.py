@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from headsteer import HeadsteerError, get_adapter
-from headsteer.attribution.engine import NO_FAST_PATH, SuffixRunner, naive_logits
+from headsteer.attribution.engine import NO_FAST_PATH, SuffixRunner, ablated_logits, naive_logits
 from headsteer.baseline import ZeroBaseline
 from test_intervene import mean_like_baseline
-from tiny_models import BUILDERS, tiny
+from tiny_models import BUILDERS, HYBRID, tiny
 
 
 @pytest.mark.parametrize("family", sorted(set(BUILDERS) - set(NO_FAST_PATH)))
@@ -27,3 +27,17 @@ def test_prefix_lm_family_refuses_fast_path():
     model, inputs = tiny("paligemma", batch=1)
     with pytest.raises(HeadsteerError, match="no fast path"):
         SuffixRunner(model, None, None, None, ZeroBaseline(2, 8), inputs=inputs)
+
+
+@pytest.mark.parametrize("family", sorted(HYBRID))
+def test_hybrid_stack_takes_the_naive_path(family):
+    model, inputs = tiny(family, batch=1)
+    ad = get_adapter(model)
+    assert ad.hybrid and ad.num_layers == 2 and ad.model_layer(1) == 2  # heads only in the attention layers
+    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    with pytest.raises(HeadsteerError, match="recurrent/convolution layers' state"):
+        SuffixRunner(model, None, None, None, base, inputs=inputs)
+    masks = torch.zeros(2, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    masks[1] = True
+    naive = naive_logits(model, None, inputs, masks, base)
+    assert (naive[0] - naive[1]).abs().max() > 1e-3

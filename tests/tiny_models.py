@@ -387,6 +387,46 @@ def _omni_thinker(batch, which):
                   audio_config=dict(AUDIO, downsample_hidden_size=8))
 
 
+# -- hybrid stacks: only some decoder layers are attention (two attention layers, as everywhere) -----
+LINEAR_ATTN = dict(linear_conv_kernel_dim=2, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                   linear_num_value_heads=4)
+
+
+def _qwen3_5(batch, moe=False):
+    import transformers as tf
+
+    text = dict(TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "full_attention"], **LINEAR_ATTN,
+                rope_parameters=dict(ROPE3D, mrope_interleaved=True))
+    vision = {k: v for k, v in QWEN3_VISION.items() if k != "deepstack_visual_indexes"}
+    if moe:
+        text = dict(text, **TINY_MOE, num_experts=2, shared_expert_intermediate_size=16)
+        return _mrope(tf.Qwen3_5MoeForConditionalGeneration, tf.Qwen3_5MoeConfig, batch, text, vision)
+    return _mrope(tf.Qwen3_5ForConditionalGeneration, tf.Qwen3_5Config, batch, text, vision)
+
+
+def _lfm2_vl(batch):
+    import transformers as tf
+
+    text = dict(TEXT, num_hidden_layers=3, layer_types=["full_attention", "conv", "full_attention"], conv_L_cache=3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8, num_patches=16)
+    pixels = _pix(16, 3 * 8 * 8, spatial_shapes=lambda b: torch.tensor([[4, 4]] * b),
+                  pixel_attention_mask=lambda b: torch.ones(b, 16, dtype=torch.bool))
+    return _plain(tf.Lfm2VlForConditionalGeneration, tf.Lfm2VlConfig, 4, batch, pixels, vision_config=vision, text_config=text,
+                  image_token_id=IMG, downsample_factor=2, projector_hidden_size=32)
+
+
+def _lfm3_vl(batch):
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    text = dict(TEXT, num_hidden_layers=3, layer_types=["conv", "full_attention", "sliding_attention"], conv_L_cache=3,
+                sliding_window=8, rope_parameters={"sliding_attention": rope, "full_attention": rope})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, layer_types=["conv", "full_attention"],
+                  conv_kernel_size=3)
+    return _mrope(tf.Lfm3VlForConditionalGeneration, tf.Lfm3VlConfig, batch, text, vision)
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -425,7 +465,13 @@ BUILDERS = {
     "paddleocr_vl": _paddleocr_vl,
     "qwen2_5_omni_thinker": lambda b: _omni_thinker(b, "qwen2_5_omni_thinker"),
     "qwen3_omni_moe_thinker": lambda b: _omni_thinker(b, "qwen3_omni_moe_thinker"),
+    # hybrid stacks
+    "qwen3_5": _qwen3_5,
+    "qwen3_5_moe": lambda b: _qwen3_5(b, moe=True),
+    "lfm2_vl": _lfm2_vl,
+    "lfm3_vl": _lfm3_vl,
 }
+HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl"}
 
 
 def tiny(family: str, batch: int = 2, seed: int = 0):
