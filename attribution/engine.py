@@ -18,6 +18,7 @@ from headsteer.intervene import Spec, intervene
 # (one state broadcast to every mask) as it carries K/V; that is not built yet.
 _HYBRID = "only some layers are attention; the shared prefix does not carry the recurrent/convolution layers' state yet"
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
+                "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
                 "qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID, "lfm2_vl": _HYBRID, "lfm3_vl": _HYBRID}
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -97,12 +98,15 @@ class SuffixRunner:
                 # Positions come from the whole prompt's layout (3D RoPE: the image grid, the markers
                 # after it): run the whole prompt once, keep the positions the model gave its language
                 # model and the prefix part of the cache (the prefix is causal, so it is the same).
-                out, pos = _with_positions(model, self.ad, dict(self.inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1))
+                filled = DynamicCache()  # filled in place (not every family returns it as out.cache)
+                pos = _with_positions(model, self.ad, dict(self.inputs, cache=filled, use_cache=True, logits_to_keep=1))
                 self.positions = pos[..., self.P :]
-                cache = PrefixCache(out.cache, self.P)
+                cache = PrefixCache(filled, self.P)
             else:
                 pre = {k: (v[:, : self.P] if k in _SEQ_KEYS and torch.is_tensor(v) else v) for k, v in self.inputs.items()}
-                cache = PrefixCache(model(**pre, cache=DynamicCache(), use_cache=True, logits_to_keep=1).cache)
+                filled = DynamicCache()
+                model(**pre, cache=filled, use_cache=True, logits_to_keep=1)
+                cache = PrefixCache(filled)
         self.prefix = Prefix(cache, img[: self.P])
         self.suffix = ids[:, self.P :]
         self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
@@ -125,7 +129,7 @@ class SuffixRunner:
 
 
 def _with_positions(model, ad, inputs):
-    """(output, position ids the model passed to its language model) of one forward."""
+    """The position ids the model passed to its language model in one forward."""
     got = {}
 
     def hook(mod, args, kwargs):
@@ -133,12 +137,12 @@ def _with_positions(model, ad, inputs):
 
     handle = ad.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        out = model(**inputs)
+        model(**inputs)
     finally:
         handle.remove()
     if got.get("pos") is None:
         raise HeadsteerError(f"{ad.model_type}: the model gave its language model no position ids; use fast=False")
-    return out, got["pos"]
+    return got["pos"]
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ FAMILIES = {
     "cohere2_vision": "Command A Vision (sliding window)",
     "shieldgemma2": "ShieldGemma 2",
     "lighton_ocr": "LightOnOCR",
+    "blip-2": "BLIP-2 (Q-Former queries at image-token positions of the decoder; needs image_token_index)",
     "glm4v": "GLM-4.1V / GLM-4.5V text (3D RoPE)",
     "glm46v": "GLM-4.6V",
     "glm4v_moe": "GLM-4.5V (MoE)",
@@ -55,6 +56,28 @@ FAMILIES = {
     "qwen3_5_moe": "Qwen3.5 MoE (hybrid)",
     "lfm2_vl": "LFM2-VL (hybrid: short convolutions + attention layers)",
     "lfm3_vl": "LFM3-VL (hybrid)",
+}
+
+# Image-text-to-text families refused, and why (checked before any weight loads).
+_VQ = "image VQ codes are part of the vocabulary; there are no image positions to ablate"
+_ENC_DEC = "encoder-decoder: the text decoder reads the image through cross-attention to an encoder, not through image positions"
+_CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
+          "cross-attention head ablation is not built yet")
+REFUSED = {
+    "chameleon": _VQ,
+    "emu3": _VQ,
+    "florence2": _ENC_DEC,
+    "pix2struct": _ENC_DEC,
+    "udop": _ENC_DEC,
+    "t5gemma2": _ENC_DEC,
+    "vision-encoder-decoder": _ENC_DEC,
+    "mllama": _CROSS,
+    "idefics": _CROSS,
+    "blip": _CROSS,
+    "llama4": ("Llama4ForConditionalGeneration.forward fails in transformers 5.24 (AttributeError: no image_outputs), "
+               "so no forward can run"),
+    "instructblip": "not tested yet (BLIP-2 is supported; a tiny InstructBLIP's image did not reach the answer)",
+    "instructblipvideo": "not tested yet (BLIP-2 is supported)",
 }
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
@@ -72,8 +95,16 @@ def supported_families() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
+def check_family(model_type: str, where: str = ""):
+    """One-line HeadsteerError for a model type headsteer does not support, saying why."""
+    if model_type in FAMILIES:
+        return
+    why = REFUSED.get(model_type, "no tested adapter for it yet")
+    raise HeadsteerError(f"unsupported architecture {model_type!r}{where}: {why}; supported: {supported_families()}")
+
+
 def _language_model(model: nn.Module) -> nn.Module:
-    for path in ("model.language_model", "language_model", "model.text_model", "model"):
+    for path in ("model.language_model", "language_model", "model.text_model", "model", "language_model.model.decoder"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -313,8 +344,7 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
         return cached
     cfg = model.config
     mtype = getattr(cfg, "model_type", type(model).__name__)
-    if mtype not in FAMILIES:
-        raise HeadsteerError(f"unsupported architecture {mtype!r} ({type(model).__name__}); supported: {supported_families()}")
+    check_family(mtype, f" ({type(model).__name__})")
     lm = _language_model(model)
     cls = _attention_class(lm)
     mods = [m for m in lm.modules() if (isinstance(m, cls) if cls is not None else hasattr(m, "o_proj")) and hasattr(m, "layer_idx")]

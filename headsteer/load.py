@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .adapters import FAMILIES, get_adapter, supported_families
+from .adapters import check_family, get_adapter
 from .errors import HeadsteerError
 
 DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -62,8 +62,7 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
         cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise HeadsteerError(f"cannot read {p / 'config.json'}: {e}") from None
-    if cfg.model_type not in FAMILIES:
-        raise HeadsteerError(f"unsupported architecture {cfg.model_type!r} in {p}; supported: {supported_families()}")
+    check_family(cfg.model_type, f" in {p}")
     _check_weights(p)
     kw = {"trust_remote_code": trust_remote_code}
     if dtype is not None:

@@ -69,3 +69,28 @@ def test_hybrid_ablation_acts_on_attention_layers_only(family):
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zero[0, img], ref[0, img], atol=1e-5, rtol=1e-5)
     assert (zero[0, -1] - ref[0, -1]).abs().max() > 1e-4
+
+
+def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_reason():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
+
+    from headsteer.adapters import FAMILIES, REFUSED
+    from tiny_models import BUILDERS
+
+    assert set(FAMILIES) == set(BUILDERS)  # every supported family has a tiny model and runs the invariants
+    assert set(FAMILIES) <= set(MAPPING) and not set(FAMILIES) & set(REFUSED)
+    assert set(REFUSED) <= set(MAPPING)
+
+
+@pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("mllama", "cross-attention"), ("florence2", "encoder-decoder"),
+                                        ("llama4", "transformers 5.24"), ("kosmos-2", "no tested adapter")])
+def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
+    import json
+
+    import headsteer
+    from headsteer import HeadsteerError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": mtype}))
+    with pytest.raises(HeadsteerError, match=why) as e:
+        headsteer.load(tmp_path)  # no weights in the folder: the refusal comes first
+    assert "\n" not in str(e.value)

@@ -427,6 +427,17 @@ def _lfm3_vl(batch):
     return _mrope(tf.Lfm3VlForConditionalGeneration, tf.Lfm3VlConfig, batch, text, vision)
 
 
+def _blip2(batch):
+    """BLIP-2 as transformers 5 runs it: the Q-Former's query outputs sit at image-token positions of
+    the OPT decoder's input (self-attention over image tokens)."""
+    import transformers as tf
+
+    qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32)
+    text = dict(TEXT, model_type="opt", ffn_dim=64, word_embed_proj_dim=32, enable_bias=True)
+    return _plain(tf.Blip2ForConditionalGeneration, tf.Blip2Config, 4, batch, _pix(3, 32, 32), vision_config=dict(SIGLIP),
+                  qformer_config=qformer, text_config=text, num_query_tokens=4, image_token_index=IMG)
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -456,6 +467,7 @@ BUILDERS = {
     "cohere2_vision": _cohere2_vision,
     "shieldgemma2": _shieldgemma2,
     "lighton_ocr": _lighton_ocr,
+    "blip-2": _blip2,
     # multimodal RoPE
     "glm4v": lambda b: _glm4v(b, "glm4v"),
     "glm46v": lambda b: _glm4v(b, "glm46v"),
@@ -491,7 +503,7 @@ def other_pixels(inputs, seed=1):
     return out
 
 
-MHA = {"fuyu"}  # families whose text model has one KV head per query head (no GQA to test)
+MHA = {"fuyu", "blip-2"}  # families whose text model has one KV head per query head (no GQA to test)
 SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
