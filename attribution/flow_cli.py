@@ -1,20 +1,23 @@
-"""``headsteer flow``."""
+"""``headsteer flow``.
+
+Library imports (torch, transformers, datasets) are inside the functions: `headsteer flow --help`
+must not pay for them (start-up time)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from headsteer.heads import select_heads
 from headsteer.cli import device_opt, force_opt, friendly, model_opt, qtype_filter
-from headsteer.files import write_json, write_text
-from headsteer.rundir import open_run, run_identity
+from headsteer.errors import HeadsteerError
+from headsteer.files import save_figure, write_json, write_text
 
 FLOW_OUTPUTS = ("flow.json", "flow.png", "summary.md")
 
 
 def heads_option_value(heads, from_attribution, top_k, ad):
+    from headsteer.heads import select_heads
+
     if not heads and not from_attribution:
         return None
     return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads)[0]
@@ -40,25 +43,26 @@ def plot_flow(out: Path, flow: dict):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / "flow.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, out / "flow.png")
+    save_figure(fig, out / "flow.png")
     plt.close(fig)
 
 
 @click.command()
 @model_opt
-@click.option("--data", default="easy-vqa", show_default=True)
-@click.option("--qtype", default=None, help="question types (comma-separated; 'all'); default: shape on easy-VQA, all elsewhere")
-@click.option("--n-images", default=20, show_default=True)
-@click.option("--window", default=1, show_default=True, help="consecutive layers knocked out together")
-@click.option("--heads", default=None, help="also knock out only in these heads, vs random heads of the same count")
+@click.option("--data", default="easy-vqa", show_default=True, help="easy-vqa[:split] or a local VQA file/folder (box column for "
+              "object/background patches)")
+@click.option("--qtype", default=None, help="question types (comma-separated; 'all')  [default: shape on easy-VQA, all elsewhere]")
+@click.option("--n-images", default=20, show_default=True, type=click.IntRange(min=1), help="examples to knock out on")
+@click.option("--window", default=1, show_default=True, type=click.IntRange(min=1),
+              help="consecutive layers knocked out together (1 to the model's layers)")
+@click.option("--heads", default=None, help="also knock out only in these heads (e.g. L3H4,L3H7), vs random heads of the same count")
 @click.option("--from-attribution", default=None, help="an attribution run directory: use its top --top-k heads")
-@click.option("--top-k", default=4, show_default=True)
+@click.option("--top-k", default=4, show_default=True, type=click.IntRange(min=1), help="with --from-attribution: how many heads")
 @click.option("--measure", type=click.Choice(["image_frac", "logit_diff", "prob"]), default="image_frac", show_default=True,
               help="image_frac: change of the answer logit as a share of the full image knockout's; logit_diff: the "
                    "change in logits; prob: relative change of the answer probability (Geva et al.; flat when p ~ 1)")
-@click.option("--out", default="runs/flow", show_default=True, help="output directory (rewritten by a rerun of the same settings)")
+@click.option("--out", default="runs/flow", show_default=True,
+              help="output directory (a rerun of the same settings shows its results; --force recomputes)")
 @force_opt
 @device_opt
 @friendly
@@ -71,14 +75,26 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
 
     from .flow import MEASURE_WORDS, describe, flow_dataset
 
+    from headsteer.rundir import open_run, run_identity
+
     m, proc = load(model, device=device)
     ad = get_adapter(m, proc)
+    if window > ad.num_layers:
+        raise HeadsteerError(f"--window must be between 1 and {ad.num_layers} (the model's layers); got {window}")
     ds = load_data(data, limit=n_images, qtypes=qtype_filter(qtype, data))
+    if len(ds) == 0:
+        raise HeadsteerError(f"no questions in {data} with --qtype {qtype}: choose question types the data has (or all)")
     hs = heads_option_value(heads, from_attribution, top_k, ad)
-    # flow does not resume, but refuses (before the work) a folder that holds another run
+    # refuses (before the work) a folder that holds another run; the same run is not redone
     ident, info = run_identity("flow", m, proc, ds, n_images, {"spec": data},
                                {"window": window, "heads": str(hs) if hs is not None else None, "measure": measure})
-    outp = open_run(out, ident, force=force, outputs=FLOW_OUTPUTS, info=info).path
+    run = open_run(out, ident, force=force, outputs=FLOW_OUTPUTS, info=info)
+    outp = run.path
+    if run.resumed and all((outp / n).exists() for n in FLOW_OUTPUTS):
+        click.echo((outp / "summary.md").read_text())
+        click.echo(f"{out}/ already holds this run (same model, data and settings): shown above, nothing rewritten; "
+                   "--force recomputes it")
+        return
     with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
     write_json(outp / "flow.json", result)
@@ -87,7 +103,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
                       f"Effect of knocking out each edge: {MEASURE_WORDS[measure]} (measure {measure}).", ""] + describe(result)) + "\n"
     write_text(outp / "summary.md", text)
     click.echo(text)
-    click.echo(f"wrote {out}/: flow.json flow.png summary.md")
+    click.echo(f"wrote {out}/: run.json headsteer.log flow.json flow.png summary.md")
 
 
 commands = [flow]

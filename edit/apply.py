@@ -32,6 +32,8 @@ def spec_for(manifest: EditManifest, ad) -> Spec:
             raise HeadsteerError("steer edit has no vectors: build it with `headsteer edit steer` or steering_vectors()")
         if tuple(vec.shape) != (L, H, ad.head_dim):
             raise HeadsteerError(f"steering vectors have shape {tuple(vec.shape)}; this model needs [{L}, {H}, {ad.head_dim}]")
+        if not torch.isfinite(vec.float()).all():
+            raise HeadsteerError("the steering vectors hold NaN or infinite values: remake the edit with `headsteer edit steer`")
         add = torch.zeros(L, H, ad.head_dim)
         add[mask] = float(p.get("strength", 1.0)) * vec[mask].float()
         return Spec(head_add=add)
@@ -48,7 +50,15 @@ def lora_deltas(manifest: EditManifest, model) -> dict[str, torch.Tensor]:
     for n in names:
         if n not in mods:
             raise HeadsteerError(f"LoRA edit targets {n}, which this model does not have (was it made for another model?)")
-        out[n] = scale * (t[f"{n}.lora_B"].float() @ t[f"{n}.lora_A"].float())
+        a, b = t.get(f"{n}.lora_A"), t.get(f"{n}.lora_B")
+        w = getattr(mods[n], "weight", None)
+        if a is None or b is None or w is None or a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != tuple(w.shape) \
+                or b.shape[1] != a.shape[0]:
+            raise HeadsteerError(f"the LoRA tensors for {n} are missing or do not fit its weight: remake the edit for this model")
+        d = scale * (b.float() @ a.float())
+        if not torch.isfinite(d).all():
+            raise HeadsteerError(f"the LoRA tensors for {n} hold NaN or infinite values: remake the edit")
+        out[n] = d
     return out
 
 
@@ -70,12 +80,18 @@ def _weights_added(model, deltas):
 
 
 @contextlib.contextmanager
-def apply_edit(model, manifest: EditManifest | str, processor=None):
-    """``with apply_edit(model, "edit.json"): model(...)`` — the model is exactly restored on exit."""
+def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_model: bool = False):
+    """``with apply_edit(model, "edit.json"): model(...)`` — the model is exactly restored on exit.
+    An edit made on other weights (its ``provenance.base_hash``) is refused unless
+    ``allow_other_model`` (or the manifest's own ``allow_other_model``)."""
     if not isinstance(manifest, EditManifest):
         manifest = EditManifest.load(manifest)
+    if allow_other_model:
+        manifest.allow_other_model = True
+    manifest.validate()  # the schema again: fields may have been changed since it was made or read
     ad = get_adapter(model, processor)
     manifest.headset(ad)  # range check with a clear message
+    manifest.check_base(model)  # made on these weights (or allow_other_model)
     if manifest.baked:
         yield manifest
         return
@@ -87,10 +103,10 @@ def apply_edit(model, manifest: EditManifest | str, processor=None):
             yield manifest
 
 
-def install_edit(model, manifest, processor=None):
+def install_edit(model, manifest, processor=None, allow_other_model: bool = False):
     """Keep an edit active (e.g. for ``generate`` in user code) until ``remove_edit(model)``."""
     stack = contextlib.ExitStack()
-    stack.enter_context(apply_edit(model, manifest, processor))
+    stack.enter_context(apply_edit(model, manifest, processor, allow_other_model))
     model._headsteer_installed = getattr(model, "_headsteer_installed", []) + [stack]
     return model
 

@@ -1,11 +1,18 @@
 """An edit is data: a small JSON manifest (kind, heads, numbers, provenance) plus, for steering and
-LoRA, a tensor file beside it. Manifests round-trip: ``EditManifest.load(m.save(path)) == m``."""
+LoRA, a tensor file beside it. Manifests round-trip: ``EditManifest.load(m.save(path)) == m``.
+
+One schema (``_SCHEMA`` and ``EditManifest.validate``) checks every manifest, made in Python or
+read from a file: field types, finite numbers in range, heads syntax (their range against a model
+when applied), and file names confined to the manifest's folder. ``provenance.base_hash`` is an
+exact fingerprint of the weights the edit was made on (``headsteer.fingerprint``); applying it to
+other weights is refused unless asked for (``check_base``)."""
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -13,10 +20,44 @@ from safetensors.torch import load_file
 from headsteer import __version__
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_safetensors, write_json
+from headsteer.fingerprint import weights_fingerprint
 from headsteer.heads import HeadSet
 
 KINDS = ("scale", "attn", "steer", "lora")
 WEIGHT_EXPRESSIBLE = {"scale", "lora"}  # steer too where o_proj can take a bias (see export)
+FIELDS = ("kind", "heads", "params", "provenance", "tensors", "baked")
+EXACT_HASH = "weights-sha256-v1"  # provenance.base_hash_kind of exact fingerprints (older manifests: sampled)
+
+# kind -> numeric parameter -> (lowest allowed value or None, what it means): every number must be finite
+_SCHEMA = {
+    "scale": {"factor": (None, "the heads' output multiplier")},
+    "attn": {"alpha": (-1.0, "image attention x (1 + alpha); -1 removes it")},
+    "steer": {"strength": (None, "multiple of the steering vector")},
+    "lora": {"scaling": (None, "LoRA scale"), "rank": (1, "LoRA rank")},
+}
+_PATH_PARAMS = ("adapter_dir",)  # params naming files, confined to the manifest's folder
+
+
+def _bad(where, msg):
+    return HeadsteerError(f"{where}: {msg}" if where else msg)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def confined(base: Path, name, where="", what="path") -> Path:
+    """``name`` (relative to ``base``, the manifest's folder) if it stays inside ``base``; else a
+    one-line refusal (an edit must not make headsteer read ``~/.ssh``)."""
+    if not isinstance(name, str) or not name.strip():
+        raise _bad(where, f"{what} must be a file name beside the manifest; got {name!r}")
+    p = Path(name).expanduser()
+    root = base.resolve()
+    target = (p if p.is_absolute() else root / p).resolve()
+    if target == root or root not in target.parents:
+        raise _bad(where, f"{what} {name!r} is outside the manifest's folder {root}: an edit may only name files "
+                   "beside it; move them there and give the name relative to the manifest")
+    return target
 
 
 @dataclass
@@ -28,12 +69,46 @@ class EditManifest:
     tensors: str | None = None  # file name (beside the manifest) holding vectors / LoRA deltas
     baked: bool = False  # True in an exported checkpoint whose weights already carry the edit
     _tensors: dict | None = field(default=None, repr=False, compare=False)
+    # set by a caller that knowingly applies the edit to other weights than it was made on
+    allow_other_model: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
+        if isinstance(self.heads, HeadSet):
+            self.heads = str(self.heads)
+        if self.params is None:
+            self.params = {}
+        if self.provenance is None:
+            self.provenance = {}
+        self.validate()
+
+    def validate(self, where: str = "") -> "EditManifest":
+        """The schema: raise a one-line HeadsteerError naming the field and what it takes."""
         if self.kind not in KINDS:
-            raise HeadsteerError(f"unknown edit kind {self.kind!r}: use one of {', '.join(KINDS)}")
-        self.heads = str(HeadSet.parse(self.heads)) if not isinstance(self.heads, str) else self.heads
+            raise _bad(where, f"unknown edit kind {self.kind!r}: use one of {', '.join(KINDS)}")
+        if not isinstance(self.heads, str):
+            raise _bad(where, f"heads must be text like \"L2H0-3,L3H5\"; got {self.heads!r}")
         HeadSet.check_syntax(self.heads)  # the syntax now, the range when applied to a model
+        if not isinstance(self.params, dict):
+            raise _bad(where, f"params must be a JSON object of the edit's numbers; got {self.params!r}")
+        if not isinstance(self.provenance, dict):
+            raise _bad(where, f"provenance must be a JSON object; got {self.provenance!r}")
+        if self.tensors is not None and (not isinstance(self.tensors, str) or Path(self.tensors).name != self.tensors):
+            raise _bad(where, f"tensors must be the name of a file beside the manifest; got {self.tensors!r}")
+        if not isinstance(self.baked, bool):
+            raise _bad(where, f"baked must be true or false; got {self.baked!r}")
+        for name, (low, meaning) in _SCHEMA[self.kind].items():
+            if name not in self.params or (self.kind == "lora" and self.params[name] is None):
+                continue
+            v = self.params[name]
+            if not _number(v) or not math.isfinite(v):
+                raise _bad(where, f"params.{name} ({meaning}) must be a finite number; got {v!r}")
+            if low is not None and v < low:
+                raise _bad(where, f"params.{name} ({meaning}) must be >= {low}; got {v!r}")
+        for name in _PATH_PARAMS:
+            v = self.params.get(name)
+            if v is not None and not isinstance(v, str):
+                raise _bad(where, f"params.{name} must be a folder name beside the manifest; got {v!r}")
+        return self
 
     def headset(self, ad) -> HeadSet:
         return HeadSet.parse(self.heads, ad.num_layers, ad.num_heads)
@@ -56,7 +131,7 @@ class EditManifest:
         if self._tensors:
             self.tensors = path.stem + ".tensors.safetensors"
             save_safetensors(self._tensors, path.parent / self.tensors)
-        write_json(path, {k: v for k, v in asdict(self).items() if not k.startswith("_")})
+        write_json(path, {k: getattr(self, k) for k in FIELDS})
         return path
 
     @classmethod
@@ -68,27 +143,76 @@ class EditManifest:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise HeadsteerError(f"edit manifest not found: {path}") from None
-        except json.JSONDecodeError as e:
+        except IsADirectoryError:
+            raise HeadsteerError(f"{path} is a folder, not an edit manifest") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HeadsteerError(f"{path} is not a valid edit manifest (JSON error: {e})") from None
+        if not isinstance(d, dict):
+            raise HeadsteerError(f"{path} is not an edit manifest: it holds a JSON {type(d).__name__}, not an object with "
+                                 "kind and heads (make one with `headsteer edit`)")
         missing = {"kind", "heads"} - set(d)
         if missing:
             raise HeadsteerError(f"{path} is not an edit manifest: missing {', '.join(sorted(missing))}")
-        m = cls(**{k: d[k] for k in ("kind", "heads", "params", "provenance", "tensors", "baked") if k in d})
+        m = cls.__new__(cls)
+        m.kind, m.heads, m.params, m.provenance = d["kind"], d["heads"], d.get("params", {}), d.get("provenance", {})
+        m.tensors, m.baked, m._tensors, m.allow_other_model = d.get("tensors"), d.get("baked", False), None, False
+        m.validate(str(path))
+        for name in _PATH_PARAMS:  # e.g. a LoRA's PEFT adapter: only beside the manifest
+            if m.params.get(name) is not None:
+                confined(path.parent, m.params[name], str(path), f"params.{name}")
         if m.tensors:
             tp = path.parent / m.tensors
             try:
                 m._tensors = load_file(str(tp))
             except Exception as e:
                 raise HeadsteerError(f"cannot read the edit's tensors {tp}: {e}") from None
+        m._source = path
         return m
+
+    def adapter_path(self) -> Path | None:
+        """The LoRA's PEFT adapter folder (inside the manifest's folder), if the manifest names one."""
+        name = self.params.get("adapter_dir")
+        src = getattr(self, "_source", None)
+        if not name:
+            return None
+        if src is None:  # made in this process (train_head_lora's folder), not read from a file
+            return Path(name)
+        try:
+            return confined(src.parent, name, str(src), "params.adapter_dir")
+        except HeadsteerError:
+            # older manifests recorded the folder as given on the command line (relative to the
+            # working directory); accepted only where that is inside the manifest's folder too
+            p = Path(name).expanduser().resolve()
+            if src.parent.resolve() in p.parents:
+                return p
+            raise
+
+    def check_base(self, model) -> None:
+        """Refuse weights other than those the edit was made on (``provenance.base_hash``), unless
+        ``allow_other_model``. Baked checkpoints carry the edit in their weights: nothing to check."""
+        base = self.provenance.get("base_hash")
+        if not base or self.baked or self.allow_other_model:
+            return
+        exact = self.provenance.get("base_hash_kind") == EXACT_HASH
+        p = next(model.parameters(), None)
+        dtype = str(p.dtype).replace("torch.", "") if p is not None else None
+        if exact and self.provenance.get("base_dtype") not in (None, dtype):
+            return  # other precision of (possibly) the same weights: an exact hash cannot tell; not refused
+        now = weights_fingerprint(model) if exact else sampled_fingerprint(model)
+        if now != base:
+            made = self.provenance.get("base_model") or "another model"
+            raise HeadsteerError(f"this edit was made on other weights ({made}; base_hash {base[:12]}…, this model "
+                                 f"{now[:12]}…): apply it to that model, or pass --allow-other-model "
+                                 "(allow_other_model=True) to apply it anyway")
 
 
 def load_manifest(path) -> EditManifest:
     return EditManifest.load(path)
 
 
-def model_fingerprint(model) -> str:
-    """A cheap, deterministic hash of the weights (a strided sample of every tensor)."""
+def sampled_fingerprint(model) -> str:
+    """The base_hash of manifests before exact fingerprints: a hash of a strided sample of every
+    tensor (kept to check those manifests)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
@@ -98,10 +222,16 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+model_fingerprint = sampled_fingerprint  # the old name
+
+
 def provenance(model, attribution: str | None = None, top_k: int | None = None, **extra) -> dict:
+    p0 = next(model.parameters(), None)
     p = {
         "base_model": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
-        "base_hash": model_fingerprint(model),
+        "base_hash": weights_fingerprint(model),
+        "base_hash_kind": EXACT_HASH,
+        "base_dtype": str(p0.dtype).replace("torch.", "") if p0 is not None else None,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "headsteer": __version__,
     }

@@ -1,18 +1,25 @@
-"""``headsteer ask``: one question about one image, side by side with an edit's answer."""
+"""``headsteer ask``: one question about one image, side by side with an edit's answer.
+
+torch and transformers are imported inside ``ask``: `headsteer ask --help` must not pay for them
+(start-up time)."""
 from __future__ import annotations
 
 import click
 
-from headsteer.ask import default_image, top_answers
 from headsteer.cli import friendly, load_options
-from headsteer.edit import apply_edit, load_manifest
-from headsteer.load import load
 
 
-def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, device_map=None) -> list[str]:
+def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, device_map=None,
+        allow_other_model: bool = False) -> list[str]:
     """Lines of the answer (and the edited answer) to ``question`` about ``image``."""
+    from headsteer.ask import default_image, top_answers
+    from headsteer.edit import apply_edit, load_manifest
+    from headsteer.load import load
+
+    manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before the model loads
+    if manifest is not None:
+        manifest.allow_other_model = allow_other_model
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
-    manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before any forward
     image = image or default_image()
     lines = [f"image     {image}", f"question  {question}"]
     base = top_answers(m, proc, image, question, top)
@@ -30,8 +37,10 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
 @click.option("--question", default="what color is the shape?", show_default=True)
 @click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1, 100), help="how many candidate answers to show")
+@click.option("--allow-other-model", is_flag=True, help="apply an edit made on other weights than --model's (base_hash differs)")
 @friendly
-def ask_cmd(model, device, dtype, device_map, image, question, edit_path, top):
+def ask_cmd(model, device, dtype, device_map, image, question, edit_path, top, allow_other_model):
     """Answer one question about one image (and show an edit's effect)."""
-    for line in ask(model, image, question, edit_path=edit_path, top=top, device=device, dtype=dtype, device_map=device_map):
+    for line in ask(model, image, question, edit_path=edit_path, top=top, device=device, dtype=dtype, device_map=device_map,
+                    allow_other_model=allow_other_model):
         click.echo(line)

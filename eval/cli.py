@@ -1,4 +1,8 @@
-"""``headsteer eval`` and ``headsteer compare``."""
+"""``headsteer eval`` and ``headsteer compare``.
+
+Both print markdown (the one output style of the CLI: tables for people) and write the same
+figures as files (``summary.json``/``summary.md``, ``compare.csv``/``compare.md``). Library imports are
+inside the commands: `--help` must not pay for torch and transformers (start-up time)."""
 from __future__ import annotations
 
 import json
@@ -11,19 +15,32 @@ from headsteer.errors import HeadsteerError
 from headsteer.files import write_json, write_text
 from headsteer.parallel import process_shard
 
+METRICS = ("accuracy", "transfer")
+
 
 def data_options(f):
     f = click.option("--data", default="easy-vqa", show_default=True,
                      help="easy-vqa[:split], vqa:PATH, pope:PATH[::split] or a local VQA file/folder")(f)
-    f = click.option("--qtype", default="all", show_default=True, help="question types (comma-separated)")(f)
-    f = click.option("--limit", default=500, show_default=True, help="examples to evaluate")(f)
-    f = click.option("--task", default=None, help="shift the data: contrast:C, noise:S or rename:old=new,...")(f)
-    f = click.option("--batch-size", default=32, show_default=True)(f)
-    f = click.option("--baseline", default="mean", show_default=True, type=click.Choice(["mean", "blank", "zero"]))(f)
-    f = click.option("--top-heads", default=None, help="heads for the top-k recovery metric (or --attribution's top 4)")(f)
+    f = click.option("--qtype", default="all", show_default=True,
+                     help="question types, comma-separated (easy-VQA: shape, color, yes/no), or all")(f)
+    f = click.option("--limit", default=500, show_default=True, type=click.IntRange(min=1), help="examples to evaluate (the first N)")(f)
+    f = click.option("--task", default=None, help="shift the data: contrast:C, noise:S or rename:old=new,...  [default: none]")(f)
+    f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="examples per forward pass")(f)
+    f = click.option("--baseline", default="mean", show_default=True, type=click.Choice(["mean", "blank", "zero"]),
+                     help="what ablated heads read at image positions (transfer metrics): mean image K/V, a blank image's, zeros")(f)
+    f = click.option("--top-heads", default=None, help="heads for the top-k recovery metric, e.g. L3H7,L3H4  [default: --attribution's top 4]")(f)
     f = click.option("--attribution", default=None, help="attribution run directory (heatmap in reports, top heads)")(f)
-    f = click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs (accelerate)")(f)
+    f = click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs (accelerate)  [default: none]")(f)
+    f = click.option("--allow-other-model", is_flag=True, help="apply edits made on other weights than --model's (base_hash differs)")(f)
     return device_opt(dtype_opt(model_opt(f)))
+
+
+def check_metrics(metrics: str) -> tuple[str, ...]:
+    ms = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    bad = [m for m in ms if m not in METRICS]
+    if bad or not ms:
+        raise HeadsteerError(f"--metrics takes {' and/or '.join(METRICS)}, comma-separated; got {metrics!r}")
+    return ms
 
 
 def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
@@ -35,6 +52,8 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     ad = get_adapter(m, proc)
     ds = shifted(load_benchmark(data, limit=limit, qtypes=None if qtype == "all" else tuple(qtype.split(","))), task)
+    if len(ds) == 0:
+        raise HeadsteerError(f"no questions in {data} with --qtype {qtype}: choose question types the data has (or all)")
     hs = None
     if top_heads:
         hs = HeadSet.parse(top_heads, ad.num_layers, ad.num_heads)
@@ -78,16 +97,18 @@ def _data_spec(data, task) -> dict:
 
 @click.command("eval")
 @data_options
-@click.option("--edit", "edit_path", default=None, help="edit manifest to apply")
-@click.option("--metrics", default="accuracy,transfer", show_default=True)
+@click.option("--edit", "edit_path", default=None, help="edit manifest to apply  [default: none, the unedited model]")
+@click.option("--metrics", default="accuracy,transfer", show_default=True,
+              help="accuracy and/or transfer (image reliance, blank-image and no-image-flow accuracy, top-k recovery)")
 @click.option("--mode", default="closed", type=click.Choice(["closed", "open"]), show_default=True,
-              help="closed: argmax over the data set's answers; open: greedy generation")
+              help="closed: the most likely of the data set's answers; open: greedy generation (length from the model's "
+                   "generation config)")
 @click.option("--out", default="runs/eval", show_default=True,
               help="output directory (a rerun of the same model, data, edit and settings resumes)")
 @force_opt
 @friendly
-def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
-             edit_path, metrics, mode, out, force):
+def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
+             device, dtype, edit_path, metrics, mode, out, force):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
     from tqdm import tqdm
 
@@ -96,11 +117,14 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
 
+    ms = check_metrics(metrics)
+    edit = EditManifest.load(edit_path) if edit_path else None  # a bad manifest fails before the model loads
+    if edit is not None:
+        edit.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
-    edit = EditManifest.load(edit_path) if edit_path else None
     rank, world = process_shard()
     with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
-        rows = evaluate(m, proc, ds, tuple(metrics.split(",")), edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
+        rows = evaluate(m, proc, ds, ms, edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
                         top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task))
     if rank != 0:
         return
@@ -110,23 +134,44 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     s["edit"] = edit.describe() if edit else None
     s["data"], s["task"], s["processes"] = data, task, world
     outp = Path(out)
+    text = summary_markdown(s)
     write_json(outp / "summary.json", s)
+    write_text(outp / "summary.md", text)
     if world > 1:
         write_text(outp / "per_example.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    click.echo(json.dumps({k: v for k, v in s.items() if k != "attn_to_image_per_layer"}, indent=2))
+    click.echo(text)
+    click.echo(f"wrote {out}/: run.json headsteer.log per_example.jsonl summary.json summary.md")
+
+
+def summary_markdown(s: dict) -> str:
+    """The summary as markdown: accuracy per question type with its CI, then the other figures."""
+    lines = [f"# Evaluation ({s.get('n')} examples{'; edit ' + s['edit'] if s.get('edit') else ''})", ""]
+    acc = s.get("accuracy")
+    if acc:
+        lines += ["| question type | accuracy | 95% CI | n |", "|---|---|---|---|"]
+        lines += [f"| {t} | {a['accuracy']:.4f} | [{a['ci'][0]:.4f}, {a['ci'][1]:.4f}] | {a['n']} |" for t, a in acc.items()]
+        lines.append("")
+    other = [(k, v) for k, v in s.items() if k not in ("accuracy", "attn_to_image_per_layer", "n", "edit") and v is not None]
+    if other:
+        lines += ["| figure | value |", "|---|---|"]
+        for k, v in other:
+            v = f"{v:.4f}" if isinstance(v, float) else ", ".join(f"{x:.4f}" for x in v) if isinstance(v, list) and all(
+                isinstance(x, float) for x in v) else json.dumps(v) if isinstance(v, (dict, list)) else v
+            lines.append(f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
 
 
 @click.command()
 @data_options
 @click.option("--edits", "edit_paths", multiple=True, help="edit manifests: --edits a.json b.json c.json")
 @click.argument("more_edits", nargs=-1)
-@click.option("--metrics", default="accuracy,transfer", show_default=True)
+@click.option("--metrics", default="accuracy,transfer", show_default=True, help="accuracy and/or transfer (see eval)")
 @click.option("--out", default="runs/compare", show_default=True,
               help="output directory (each edit's evaluation resumes from its own sub-folder)")
 @force_opt
 @friendly
-def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, device, dtype,
-            edit_paths, more_edits, metrics, out, force):
+def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
+            device, dtype, edit_paths, more_edits, metrics, out, force):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
     from tqdm import tqdm
 
@@ -139,14 +184,18 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
     if not paths:
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
+    ms = check_metrics(metrics)
+    edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))  # bad manifests fail before the model loads
+    for e in edits.values():
+        e.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
-    edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))
     n = min(limit, len(ds))
     with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
-        rows = run_compare(m, proc, ds, edits, out, tuple(metrics.split(",")), attribution, batch_size, baseline, hs,
+        rows = run_compare(m, proc, ds, edits, out, ms, attribution, batch_size, baseline, hs,
                            progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task))
     click.echo(markdown(rows))
-    click.echo(f"wrote {out}/: compare.md compare.csv compare.png report.html")
+    click.echo(f"wrote {out}/: run.json headsteer.log compare.md compare.csv compare.png report.html, and runs/ (each "
+               "edit's evaluation)")
 
 
 commands = [eval_cmd, compare]

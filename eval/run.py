@@ -17,7 +17,7 @@ from .accuracy import bootstrap_ci, predict_closed, predict_open, soft_accuracy,
 from .transfer import edited_baseline, transfer_batch
 
 METRICS = ("accuracy", "transfer")
-OUTPUTS = ("per_example.jsonl", "summary.json")  # what ``headsteer eval`` writes (the only files --force deletes)
+OUTPUTS = ("per_example.jsonl", "summary.json", "summary.md")  # what ``headsteer eval`` writes (the only files --force deletes)
 
 
 def outputs(world: int) -> list[str]:

@@ -1,23 +1,87 @@
-"""``headsteer`` command line: each command is a few lines over one library function."""
+"""``headsteer`` command line: each command is a few lines over one library function.
+
+Start-up: ``headsteer --help`` lists the commands from ``COMMANDS`` below without importing them,
+and a command's module is imported only when that command runs (or shows its ``--help``); command
+modules import torch/transformers inside their functions for the same reason.
+
+One error boundary (``_Group.main``): bad input ends in one line naming the fix and exit code 1
+(2 for usage errors), never a traceback unless ``--debug``."""
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 
 import click
 
 from .errors import HeadsteerError
+from .parallel import finish_processes
 from .plugins import registered
+
+log = logging.getLogger("headsteer")
+
+# name -> short help of the subpackages' commands (entry points, group ``headsteer.commands``):
+# the group listing reads this table instead of importing every command (tests/test_cli_speed.py
+# checks it against each command's own help).
+COMMANDS = {
+    "attribute": "Rank heads by how much the answer depends on the image flowing through them (COAR).",
+    "flow": "Attention knockout between token groups, layer window by layer window.",
+    "edit": "Make an edit manifest for the chosen heads.",
+    "export": "Write the edited model as a Hugging Face checkpoint.",
+    "eval": "VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch).",
+    "compare": "Evaluate the unedited model and each edit on the same examples; table, plot, HTML report.",
+    "ask": "Answer one question about one image (and show an edit's effect).",
+}
+
+
+def debug_mode() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
+
+
+def one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+class UserError(click.ClickException):
+    """A one-line error (exit code 1)."""
+
+    def __init__(self, message):
+        super().__init__(one_line(message))
+
+
+def _explain(e: BaseException) -> str:
+    """One line for an exception a user can cause outside headsteer's own checks."""
+    if isinstance(e, HeadsteerError):
+        return str(e)
+    if isinstance(e, IsADirectoryError):
+        return f"{e.filename} is a folder, not a file: give a file path"
+    if isinstance(e, NotADirectoryError):
+        return f"{e.filename} (or a folder above it) is a file, not a folder: choose another path"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename}; choose a path you can write (or read)"
+    if isinstance(e, FileNotFoundError):
+        return f"not found: {e.filename}"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}: {e.filename}" if e.filename else f"{e}"
+    return (f"unexpected {type(e).__name__}: {e} — rerun with `headsteer --debug ...` for the traceback and "
+            "report it if the input was valid")
 
 
 def friendly(fn):
-    """Bad input ends in one line naming the fix, not a traceback."""
+    """Bad input ends in one line naming the fix, not a traceback (the traceback with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except HeadsteerError as e:
-            raise click.ClickException(str(e)) from None
+        except click.ClickException:
+            raise
+        except (HeadsteerError, OSError) as e:
+            if debug_mode():
+                raise
+            raise UserError(_explain(e)) from None
 
     return wrapper
 
@@ -30,16 +94,47 @@ def qtype_filter(qtype, data):
 
 
 model_opt = click.option("--model", default="default", show_default=True, help="'default' (embedded easy-VQA LLaVA) or a local checkpoint directory")
-device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:N or mps  [default: cpu]")
 dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
-                         help="weights dtype (default: as saved in the checkpoint); attention arithmetic is fp32 whatever it is")
+                         help="weights dtype  [default: as saved in the checkpoint]; attention arithmetic is fp32 whatever it is")
 device_map_opt = click.option("--device-map", default=None,
-                              help="'auto' spreads a model larger than one GPU over every GPU, then the CPU (accelerate)")
+                              help="'auto' spreads a model larger than one GPU over every GPU, then the CPU (accelerate)  [default: none]")
 
 
 def load_options(f):
     """--model, --device, --dtype and --device-map: every command loads its model the same way."""
     return model_opt(device_opt(dtype_opt(device_map_opt(f))))
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number (no nan/inf), optionally within [low, high]."""
+
+    name = "float"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            self.fail(f"{value} must be {'>' if self.low_open else '>='} {self.low}", param, ctx)
+        if self.high is not None and v > self.high:
+            self.fail(f"{value} must be <= {self.high}", param, ctx)
+        return v
+
+    def get_metavar(self, param, ctx=None):
+        lo = "" if self.low is None else f"{self.low}{'<' if self.low_open else '<='}"
+        hi = "" if self.high is None else f"<={self.high}"
+        return f"FLOAT {lo}x{hi}" if lo or hi else "FLOAT"
+
+
 force_opt = click.option("--force", is_flag=True,
                          help="--out holds another run: delete that run's own files (nothing else) and start over")
 
@@ -61,21 +156,90 @@ class _Group(click.Group):
                 self.add_command(cmd, name)
         return cmd
 
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in COMMANDS and name not in self.commands:
+                rows.append((name, COMMANDS[name]))
+                continue
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=200)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """The error boundary: one line on stderr, exit code 1 (2 for usage errors); the traceback
+        only under --debug."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"Error: {one_line(e.format_message())}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except Exception as e:
+            if debug:
+                raise
+            click.echo(f"Error: {one_line(_explain(e))}", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _verbosity(verbose: int, quiet: bool):
+    """-q: warnings and errors only, no progress bars; default: info; -v: debug."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    log.setLevel(logging.DEBUG)  # the run folder's headsteer.log gets everything
+    console = next((h for h in log.handlers if getattr(h, "_headsteer_console", False)), None)
+    if console is None:
+        console = logging.StreamHandler()
+        console._headsteer_console = True
+        console.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(console)
+        log.propagate = False
+    console.setLevel(level)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="headsteer")
-def main():
-    """Find the attention heads that carry image information into a VLM's answer, and edit them."""
-    import os
+@click.option("--debug", is_flag=True, help="show the Python traceback of an error instead of one line")
+@click.option("-v", "--verbose", count=True, help="more detail on the console (debug messages)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars, warnings and errors only")
+def main(debug, verbose, quiet):
+    """Find the attention heads that carry image information into a VLM's answer, and edit them.
 
+    Every run folder (--out) also gets headsteer.log, the full log of its runs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
+    _verbosity(verbose, quiet)
+    # transformers is not imported here (seconds at start-up, and `<command> --help` runs this
+    # callback too): it reads these variables when a command imports it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process callers, tests)
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    from .parallel import finish_processes
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
-    click.get_current_context().call_on_close(finish_processes)
+    click.get_current_context().call_on_close(_finish)
+
+
+def _finish():
+    # a process group exists only where torch was imported (not for --help: start-up time)
+    if "torch" in sys.modules:
+        finish_processes()
 
 
 @main.command()

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it)."""
     # /proc avoids the set-and-restore of os.umask, which races with other threads creating files
     try:
         with open("/proc/self/status") as f:
@@ -51,7 +52,7 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -89,3 +90,6 @@ def save_figure(fig, path, dpi: int = 110) -> bytes:
     fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     write_bytes(path, buf.getvalue())
     return buf.getvalue()
+
+
+_umask = umask  # the old name

@@ -6,8 +6,11 @@ the old run listed as its own); a non-empty folder headsteer did not write is ne
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,10 @@ from .parallel import on_main_process
 
 RUN_FILE = "run.json"
 FORMAT = "headsteer-run-1"
+LOG_FILE = "headsteer.log"  # the log of every run in the folder (appended)
+
+log = logging.getLogger("headsteer")
+_held: dict[str, int] = {}  # resolved folder -> lock file descriptor held by this process
 
 
 def identity_hash(identity: dict) -> str:
@@ -127,10 +134,72 @@ def _remove_written(folder: Path, rec: dict):
     (folder / RUN_FILE).unlink(missing_ok=True)
 
 
+def _lock(folder: Path):
+    """One process per run folder: a second one (another terminal, a second job) gets a one-line
+    refusal instead of interleaving its rows with the first's. The lock is an flock on the folder
+    itself (no file is added); it lives as long as the process (the operating system releases it
+    when the process ends, also when killed)."""
+    key = str(folder.resolve())
+    if key in _held:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise HeadsteerError(f"{folder} is in use by another headsteer process: wait for it to finish or choose "
+                             "another --out") from None
+    _held[key] = fd
+
+
+def _log_to(folder: Path):
+    """Append this process's headsteer log to the folder's headsteer.log (and no longer to the
+    logs of earlier runs of the process, unless they are folders above this one)."""
+    path = str((folder / LOG_FILE).resolve())
+    keep = False
+    for hd in list(log.handlers):
+        if not isinstance(hd, logging.FileHandler) or not getattr(hd, "_headsteer_run", False):
+            continue
+        if hd.baseFilename == path and os.path.exists(path):
+            keep = True
+        elif hd.baseFilename == path or Path(hd.baseFilename).parent not in Path(path).parents:
+            log.removeHandler(hd)
+            hd.close()
+    if keep:
+        return
+    hd = logging.FileHandler(path, encoding="utf-8")
+    hd._headsteer_run = True
+    hd.setLevel(logging.DEBUG)
+    hd.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(hd)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+
+
+def _check_writable(folder: Path):
+    for d in [folder, *folder.parents]:
+        if d.exists():
+            if not d.is_dir():
+                raise HeadsteerError(f"--out {folder}: {d} is a file, not a folder; choose another --out")
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise HeadsteerError(f"--out {folder}: {d} is not writable; choose another --out")
+            return
+
+
 def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str], info: dict) -> bool:
-    if folder.exists() and not folder.is_dir():
-        raise HeadsteerError(f"{folder} is a file, not a folder; choose another --out")
+    _check_writable(folder)
     if folder.exists() and any(folder.iterdir()):
+        if _read_record(folder) is None:
+            raise HeadsteerError(f"{folder} is not empty and has no {RUN_FILE}: not written by headsteer (or by a version "
+                                 "before run identities); choose another --out (headsteer deletes nothing there, even "
+                                 "with --force)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HeadsteerError(f"cannot create --out {folder}: {e.strerror}; choose another --out") from None
+    _lock(folder)
+    outputs = [*outputs, LOG_FILE]
+    if any(folder.iterdir()):
         rec = _read_record(folder)
         if rec is None:
             raise HeadsteerError(f"{folder} is not empty and has no {RUN_FILE}: not written by headsteer (or by a version "
@@ -151,7 +220,6 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
             raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
                                  "over or choose another --out")
         _remove_written(folder, rec)
-    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / RUN_FILE, {"format": FORMAT, "identity": identity, "hash": h, "info": info,
                                    "written": sorted(set(outputs))})
     return False
@@ -165,5 +233,9 @@ def open_run(path, identity: dict, *, force: bool = False, outputs=(), info: dic
     folder = Path(path)
     h = identity_hash(identity)
     resumed = on_main_process(lambda: _open(folder, identity, h, force, list(outputs), info or {}))
+    if on_main_process(lambda: True):
+        _log_to(folder)
+        log.info("%s run %s in %s (identity %s; %s)", identity.get("command"), "resumed" if resumed else "started", folder,
+                 h[:12], ", ".join(f"{k}={v}" for k, v in info.items()) if info else "")
     return RunDir(folder, identity, h, resumed)
 

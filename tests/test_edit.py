@@ -93,9 +93,14 @@ def test_export_refuses_to_overwrite(model_proc, tmp_path):
     with pytest.raises(HeadsteerError, match="--force"):
         export(model, proc, m, out)
     assert (out / "keep.txt").exists()
+    with pytest.raises(HeadsteerError, match="not a checkpoint exported by headsteer"):
+        export(model, proc, m, out, force=True)  # --force replaces only a checkpoint headsteer wrote
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    export(model, proc, m, out)
     export(model, proc, m, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert not list(tmp_path.glob(".ck.tmp-*"))
+    assert (out / "model.safetensors").exists() and (out / "headsteer_edit.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck.")]
 
 
 def test_lora_touches_only_the_selected_heads(model_proc):

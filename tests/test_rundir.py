@@ -203,7 +203,7 @@ def test_run_folder_open_resume_refuse_and_force(tmp_path):
     with pytest.raises(HeadsteerError, match=r"differs in: edit, settings.a\); pass --force"):
         open_run(tmp_path / "run", {**ident, "settings": {"a": 2}, "edit": "x"})
     r = open_run(tmp_path / "run", {**ident, "edit": "x"}, force=True)
-    assert not r.resumed and sorted(os.listdir(tmp_path / "run")) == ["run.json", "user.txt"]
+    assert not r.resumed and sorted(os.listdir(tmp_path / "run")) == ["headsteer.log", "run.json", "user.txt"]
     (tmp_path / "empty").mkdir()
     assert not open_run(tmp_path / "empty", ident).resumed
     with pytest.raises(HeadsteerError, match="not written by headsteer"):
