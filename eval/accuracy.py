@@ -148,12 +148,26 @@ def predict_closed(model, processor, images, questions, candidates: list[str], c
     return [candidates[b] for b in scores.argmax(-1).tolist()], logits
 
 
+OPEN_FALLBACK_TOKENS = 10  # open answers' length when neither the caller nor the model's generation config gives one
+
+
 @torch.no_grad()
-def predict_open(model, processor, images, questions, max_new_tokens: int = 10) -> list[str]:
+def predict_open(model, processor, images, questions, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers. Their length and end token come from the model's generation config
+    (``max_new_tokens``/``max_length``, ``eos_token_id``: the embedded model answers with one token,
+    its config says so), else ``OPEN_FALLBACK_TOKENS`` new tokens; ``max_new_tokens`` overrides."""
     ad = get_adapter(model, processor)
     inputs = ad.encode(images, questions)
     tok = processor.tokenizer
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gc = getattr(model, "generation_config", None)
+    kw = {}
+    if max_new_tokens is not None:
+        kw["max_new_tokens"] = max_new_tokens
+    elif gc is None or getattr(gc, "max_new_tokens", None) is None:
+        kw["max_new_tokens"] = OPEN_FALLBACK_TOKENS  # transformers' own default (max_length 20) counts the prompt
+    if gc is None or getattr(gc, "pad_token_id", None) is None:
+        kw["pad_token_id"] = tok.pad_token_id
+    out = model.generate(**inputs, do_sample=False, **kw)
     return [s.strip() for s in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 

@@ -13,9 +13,11 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
         allow_other_model: bool = False) -> list[str]:
     """Lines of the answer (and the edited answer) to ``question`` about ``image``."""
     from headsteer.ask import default_image, top_answers
+    from headsteer.data import check_question
     from headsteer.edit import apply_edit, load_manifest
     from headsteer.load import load
 
+    check_question(question)
     manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before the model loads
     if manifest is not None:
         manifest.allow_other_model = allow_other_model

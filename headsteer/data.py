@@ -110,19 +110,53 @@ _IMAGE_COLS = ("image", "image_path", "img", "file_name")
 _ANSWER_COLS = ("answers", "answer", "label")
 
 
+IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<start_of_image>", "<|vision_start|>", "<IMG_CONTEXT>")
+
+
+def check_question(question, where: str = "") -> str:
+    """A question is text without the processor's image placeholder (the prompt places the image)."""
+    if not isinstance(question, str) or not question.strip():
+        raise HeadsteerError(f"{where}question must be non-empty text; got {question!r}")
+    tag = next((t for t in IMAGE_PLACEHOLDERS if t in question), None)
+    if tag is not None:
+        raise HeadsteerError(f"{where}question {question[:60]!r} contains the image placeholder {tag}: remove it, the "
+                             "prompt template places the image")
+    return question
+
+
 def _read_table(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path) as f:
-            if suffix == ".json":
-                data = json.load(f)
-                return data if isinstance(data, list) else data.get("data", data.get("questions", []))
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        return list(datasets.Dataset.from_parquet(str(path)))
+    try:
+        if suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except ValueError as e:
+                    raise HeadsteerError(f"{path} is not valid JSON ({e}): fix the file") from None
+            rows = data if isinstance(data, list) else data.get("data", data.get("questions")) if isinstance(data, dict) else None
+            if not isinstance(rows, list):
+                raise HeadsteerError(f"{path}: expected a JSON list of examples (or an object with a \"data\" list)")
+            return rows
+        if suffix == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        raise HeadsteerError(f"{path}:{i}: not a JSON object ({e}): fix that line") from None
+            return rows
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if suffix == ".parquet":
+            return list(datasets.Dataset.from_parquet(str(path)))
+    except UnicodeDecodeError as e:
+        raise HeadsteerError(f"{path} is not UTF-8 text ({e.reason}): save it as UTF-8") from None
+    except IsADirectoryError:
+        raise HeadsteerError(f"{path} is a folder, not a data file") from None
     raise HeadsteerError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
@@ -167,6 +201,8 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     rows = _read_table(table)
     if not rows:
         raise HeadsteerError(f"{table}: no examples")
+    if not isinstance(rows[0], dict):
+        raise HeadsteerError(f"{table}: expected one object per example with image, question and answer; got {str(rows[0])[:60]!r}")
     cols = set(rows[0])
     img_col = next((c for c in _IMAGE_COLS if c in cols), None)
     ans_col = next((c for c in _ANSWER_COLS if c in cols), None)
@@ -179,8 +215,20 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     has_box = "box" in cols
     if has_box:
         out["object_box"] = []
-    for r in rows:
+    for i, r in enumerate(rows, 1):
+        where = f"{table}: example {i}: "
+        if not isinstance(r, dict):
+            raise HeadsteerError(f"{where}expected an object with image, question and answer; got {str(r)[:60]!r}")
+        gone = [c for c in (img_col, "question", ans_col) if r.get(c) in (None, "")]
+        if gone:
+            raise HeadsteerError(f"{where}missing {', '.join(gone)} (every example needs image, question and answer); fix "
+                                 "that example")
+        check_question(r["question"], where)
         answers = r[ans_col]
+        if isinstance(answers, (int, float)) and not isinstance(answers, bool):
+            answers = str(answers)
+        if not isinstance(answers, (str, list)) or not answers:
+            raise HeadsteerError(f"{where}{ans_col} must be text or a non-empty list of texts; got {answers!r}")
         if isinstance(answers, str):
             answers = [a.strip() for a in answers.split("|")] if ans_col == "answers" else [answers]
         answers = [str(a) for a in answers]
@@ -190,6 +238,8 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
         out["answer"].append(max(answers, key=answers.count))  # ties: the first listed (not hash order)
         out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
         if has_box:
+            if r.get("box") is None:
+                raise HeadsteerError(f"{where}missing box (the first example has one, so every example needs one)")
             out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
     extra = {"object_box": datasets.Sequence(datasets.Value("float32"))} if has_box else {}
     ds = datasets.Dataset.from_dict(out, features=vqa_features(**extra))

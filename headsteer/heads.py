@@ -18,6 +18,13 @@ import torch
 from .errors import HeadsteerError
 
 _ITEM = re.compile(r"^L(\d+|\*)(?:-(\d+))?H(\d+|\*)(?:-(\d+))?$")
+_MAX_INDEX = 100_000  # no model has more layers or heads per layer; bounds what a shape-less parse expands
+
+
+def _index(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (isinstance(v, float) and v.is_integer()):
+        raise TypeError(v)
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,10 @@ class HeadSet:
 
     # -- construction -------------------------------------------------------------------------
     def __init__(self, heads: Iterable[tuple[int, int]] = (), all_heads: bool = False):
-        pairs = frozenset((int(l), int(h)) for l, h in heads)
+        try:
+            pairs = frozenset((_index(l), _index(h)) for l, h in heads)
+        except (TypeError, ValueError):
+            raise HeadsteerError(f"heads are (layer, head) pairs of whole numbers or text like \"L2H0-3\"; got {heads!r}") from None
         if any(l < 0 or h < 0 for l, h in pairs):
             raise HeadsteerError(f"negative layer or head index in {sorted(pairs)}")
         object.__setattr__(self, "heads", pairs)
@@ -40,6 +50,8 @@ class HeadSet:
         if isinstance(text, HeadSet):
             return text.resolve(num_layers, num_heads) if text.all_heads and num_layers else text
         if not isinstance(text, str):
+            if isinstance(text, (bytes, int, float)) or not hasattr(text, "__iter__"):
+                raise HeadsteerError(f"heads are text like \"L12H5,L14H0-3\" or (layer, head) pairs; got {text!r}")
             return cls(text)
         text = text.strip()
         if text in ("", "none"):
@@ -79,6 +91,11 @@ class HeadSet:
         lo, hi = int(a), int(b) if b is not None else int(a)
         if hi < lo:
             raise HeadsteerError(f"empty {what} range in {item!r}: write the lower index first")
+        # ranges are checked before they are expanded (L0H0-3000000 must fail at once)
+        if n is not None and hi >= n:
+            raise HeadsteerError(f"{what} {hi} in {item!r} is out of range: the model has {n} {what}s ({what} 0-{n - 1})")
+        if n is None and hi >= _MAX_INDEX:
+            raise HeadsteerError(f"{what} {hi} in {item!r} is larger than any model's (at most {_MAX_INDEX - 1}): check the heads")
         return range(lo, hi + 1)
 
     @classmethod
@@ -94,13 +111,17 @@ class HeadSet:
 
     @classmethod
     def from_json(cls, data) -> "HeadSet":
-        if isinstance(data, str):
-            data = json.loads(data)
-        if isinstance(data, str):
-            return cls.parse(data)
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except ValueError as e:
+                raise HeadsteerError(f"heads JSON is not valid JSON ({e}): give a JSON string like \"L2H0-3\", a list of "
+                                     "[layer, head] pairs or {\"heads\": ...}") from None
         if isinstance(data, dict):
-            return cls.parse(data["heads"]) if isinstance(data["heads"], str) else cls(data["heads"])
-        return cls(data)
+            if "heads" not in data:
+                raise HeadsteerError(f"heads JSON object has no \"heads\" key: got keys {sorted(data)}")
+            data = data["heads"]
+        return cls.parse(data)
 
     # -- conversion ---------------------------------------------------------------------------
     def resolve(self, num_layers: int, num_heads: int) -> "HeadSet":
@@ -191,18 +212,60 @@ class HeadSet:
         return hash((self.heads, self.all_heads))
 
 
-def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None) -> HeadSet:
-    """The ``k`` highest-ranked heads of a ``headsteer attribute`` run directory."""
+REGIME_WORDS = {"keep-only": "keep_only", "keep": "keep_only", "faithfulness": "keep_only",
+                "removal": "removal", "remove": "removal", "completeness": "removal"}
+
+
+def _rate_ranking(data: dict, alpha, run_dir) -> list[str]:
+    """Heads of the ``alpha`` ranking of a multi-rate attribution run: a rate (0.5) or a regime
+    (keep-only / removal: the rate the run found best for it)."""
+    rates = data.get("rates") or []
+    have = ", ".join(f"{r['alpha']:g}" for r in rates) or "only its primary rate"
+    if isinstance(alpha, str) and alpha.strip().lower() in REGIME_WORDS:
+        regime = REGIME_WORDS[alpha.strip().lower()]
+        if regime not in (data.get("regimes") or {}):
+            raise HeadsteerError(f"{run_dir} has no {alpha} regime (it needs several rates and held-out curves: "
+                                 "`headsteer attribute --alpha 0.1,0.5,0.9`); give a rate instead")
+        alpha = data["regimes"][regime]["alpha"]
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise HeadsteerError(f"--rate takes an ablation rate of the run (e.g. 0.5) or keep-only / removal; got {alpha!r}") from None
+    if not rates and abs(a - float(data.get("settings", {}).get("alpha", float("nan")))) < 1e-9:
+        return [r["head"] for r in data["heads"]]
+    for r in rates:
+        if abs(float(r["alpha"]) - a) < 1e-9:
+            return [h["head"] for h in r["heads"]]
+    raise HeadsteerError(f"{run_dir} has no ranking at rate {a:g}: it has rates {have} (rerun `headsteer attribute "
+                         f"--alpha` with it)")
+
+
+def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None, alpha=None) -> HeadSet:
+    """The ``k`` highest-ranked heads of a ``headsteer attribute`` run directory: of its primary
+    ranking, or with ``alpha`` of the ranking fitted at that ablation rate (a run of several
+    rates, ``--alpha 0.1,0.5,0.9``), or of the rate it found best for ``"keep-only"`` or
+    ``"removal"``."""
     path = Path(run_dir) / "heads.json"
     try:
-        ranked = json.loads(path.read_text())["heads"]
+        data = json.loads(path.read_text())
+        ranked = [r["head"] for r in data["heads"]]
     except FileNotFoundError:
         raise HeadsteerError(f"{run_dir} is not an attribution run (no heads.json): give the --out of `headsteer attribute`") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise HeadsteerError(f"{path} is not a headsteer heads.json (rerun `headsteer attribute`)") from None
+    if alpha is not None:
+        ranked = _rate_ranking(data, alpha, run_dir)
     if not isinstance(k, int) or k < 1 or k > len(ranked):
         raise HeadsteerError(f"--top-k must be between 1 and {len(ranked)} (the heads ranked in {run_dir}); got {k}")
-    return HeadSet.parse(",".join(r["head"] for r in ranked[:k]), num_layers, num_heads)
+    return HeadSet.parse(",".join(ranked[:k]), num_layers, num_heads)
+
+
+def _resolved_rate(run_dir, rate) -> float:
+    """The rate a --rate value names (a regime word resolves to the run's rate for it)."""
+    if isinstance(rate, str) and rate.strip().lower() in REGIME_WORDS:
+        data = json.loads((Path(run_dir) / "heads.json").read_text())
+        return float(data["regimes"][REGIME_WORDS[rate.strip().lower()]]["alpha"])
+    return float(rate)
 
 
 def random_heads(k: int, num_layers: int, num_heads: int, seed: int = 0) -> HeadSet:
@@ -215,9 +278,12 @@ def random_heads(k: int, num_layers: int, num_heads: int, seed: int = 0) -> Head
 
 
 def select_heads(heads: str | None, from_attribution=None, top_k: int = 4, *, num_layers: int, num_heads: int,
-                 seed: int = 0) -> tuple[HeadSet, dict | None]:
+                 seed: int = 0, rate=None) -> tuple[HeadSet, dict | None]:
     """The heads a command acts on: ``heads`` text (``L2H0-3``, ``random:K``) or the top ``top_k``
-    of an attribution run. Returns the HeadSet and, for an attribution, where it came from."""
+    of an attribution run (``rate``: the ranking of that ablation rate, or keep-only / removal;
+    see ``top_heads``). Returns the HeadSet and, for an attribution, where it came from."""
+    if rate is not None and not from_attribution:
+        raise HeadsteerError("--rate picks a ranking of an attribution run: give --from-attribution DIR with it")
     if heads and from_attribution:
         raise HeadsteerError("give either --heads or --from-attribution, not both")
     if heads:
@@ -228,5 +294,9 @@ def select_heads(heads: str | None, from_attribution=None, top_k: int = 4, *, nu
             return random_heads(int(k), num_layers, num_heads, seed), None
         return HeadSet.parse(heads, num_layers, num_heads), None
     if from_attribution:
-        return top_heads(from_attribution, top_k, num_layers, num_heads), {"run": str(from_attribution), "top_k": top_k}
+        hs = top_heads(from_attribution, top_k, num_layers, num_heads, alpha=rate)
+        info = {"run": str(from_attribution), "top_k": top_k}
+        if rate is not None:
+            info["alpha"] = _resolved_rate(from_attribution, rate)
+        return hs, info
     raise HeadsteerError("say which heads: --heads L2H0-3 (or random:K), or --from-attribution DIR --top-k K")
