@@ -10,29 +10,66 @@ import numpy as np
 import torch
 
 from headsteer.adapters import get_adapter
+from headsteer.errors import HeadsteerError
 from headsteer.intervene import Recorder, intervene
 from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, run_identity
 
 from .engine import NO_FAST_PATH, SuffixRunner, as_baseline, naive_logits
-from .regression import fit, sample_masks, statistic
+from .regression import STATISTICS, fit, sample_masks, statistic
 
 
 @dataclass
 class Settings:
+    """What determines an attribution's numbers (all of it goes into the run's identity).
+    ``alpha``: the ablation rate, or several (a tuple): one regression per rate per image, on
+    ``masks`` masks each; the first rate is the primary ranking (``heads.json["heads"]``)."""
+
     n_images: int = 40
     masks: int = 256
-    alpha: float = 0.1
+    alpha: float | tuple = 0.1
     baseline: str = "mean"
-    statistic: str = "logit"
+    statistic: str = "margin"
     method: str = "ridge"
     seed: int = 0
     compare: bool = True  # single-head ablation and attention-weight scores too
+    n_random: int = 3  # random rankings in the curves
+
+    def __post_init__(self):
+        rates = parse_rates(self.alpha)
+        self.alpha = rates[0] if len(rates) == 1 else rates  # one rate: a float, as in runs before rates
+        if self.masks < 4:
+            raise HeadsteerError(f"--masks must be at least 4 (masks per image and rate: the regression holds 2 out); got {self.masks}")
+        if self.n_random < 0:
+            raise HeadsteerError(f"--n-random must be 0 or more; got {self.n_random}")
+        if self.statistic not in STATISTICS:
+            raise HeadsteerError(f"unknown statistic {self.statistic!r}: use one of {', '.join(STATISTICS)}")
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        return parse_rates(self.alpha)
+
+
+def parse_rates(alpha) -> tuple[float, ...]:
+    """``0.1``, ``"0.1,0.5,0.9"`` or a sequence -> a tuple of distinct rates in (0, 1)."""
+    items = alpha.split(",") if isinstance(alpha, str) else (alpha if isinstance(alpha, (list, tuple)) else [alpha])
+    try:
+        rates = tuple(float(a) for a in items)
+    except (TypeError, ValueError):
+        raise HeadsteerError(f"--alpha takes ablation rates in (0, 1), comma-separated, e.g. 0.1,0.5,0.9; got {alpha!r}") from None
+    if not rates or any(not 0 < a < 1 for a in rates) or len(set(rates)) != len(rates):
+        raise HeadsteerError(f"--alpha takes distinct ablation rates in (0, 1), comma-separated, e.g. 0.1,0.5,0.9; got {alpha!r}")
+    return rates
+
+
+def rate_key(alpha: float) -> str:
+    return f"{alpha:g}"
 
 
 # what ``headsteer attribute`` writes in its folder (the only files --force deletes)
-OUTPUTS = ("per_image.jsonl", "scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "summary.md")
+OUTPUTS = ("per_image.jsonl", "scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "layers.png",
+           "summary.md")
 
 
 def outputs(world: int) -> list[str]:
@@ -41,6 +78,12 @@ def outputs(world: int) -> list[str]:
 
 def candidate_ids(ad, answers) -> list[int]:
     return sorted({ad.answer_token_id(a) for a in answers})
+
+
+def answer_candidates(ad, dataset) -> list[int]:
+    """First tokens of every answer in the data set: the margin's "best other answer" and the
+    closed-vocabulary accuracy of the curves range over these."""
+    return candidate_ids(ad, sorted(set(dataset["answer"])))
 
 
 class Evaluator:
@@ -67,27 +110,27 @@ class Evaluator:
 
 
 def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, candidates=None) -> dict:
+    """One image: a regression per ablation rate (the masks of every rate share one uniform draw,
+    thresholded at each rate), single-head ablation and attention weights, all masks in one batch."""
     ad = ev.ad
     L, H = ad.num_layers, ad.num_heads
-    masks = sample_masks(s.masks, L, H, s.alpha, seed)
+    rates = s.rates
+    per_rate = [sample_masks(s.masks, L, H, a, seed) for a in rates]
     none = torch.zeros(1, L, H, dtype=torch.bool)
-    logits = ev(torch.cat([none, masks]))
+    single = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H) if s.compare else none[:0]
+    logits = ev(torch.cat([none, *per_rate, single]))
     stats = statistic(logits, answer_id, s.statistic, candidates)
-    clean, y = float(stats[0]), stats[1:]
-    f = fit(masks, y, s.method, seed=seed)
-    row = {
-        "scores": f.scores.round(6).tolist(),
-        "intercept": f.intercept,
-        "pearson": f.pearson,
-        "spearman": f.spearman,
-        "penalty": f.penalty,
-        "clean": clean,
-        "correct": int(logits[0].argmax()) == answer_id,
-        "masked_mean": float(y.mean()),
-    }
+    clean = float(stats[0])
+    fits = {}
+    for j, (a, masks) in enumerate(zip(rates, per_rate)):
+        y = stats[1 + j * s.masks : 1 + (j + 1) * s.masks]
+        f = fit(masks, y, s.method, seed=seed)
+        fits[rate_key(a)] = {"scores": f.scores.round(6).tolist(), "intercept": f.intercept, "fit_pearson": f.fit_pearson,
+                             "fit_spearman": f.fit_spearman, "penalty": f.penalty, "masked_mean": float(y.mean())}
+    first = fits[rate_key(rates[0])]
+    row = {**first, "clean": clean, "correct": int(logits[0].argmax()) == answer_id, "rates": fits}
     if s.compare:
-        single = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H)
-        st = statistic(ev(single), answer_id, s.statistic, candidates)
+        st = stats[1 + len(rates) * s.masks :]
         row["single"] = (clean - st).view(L, H).numpy().round(6).tolist()
         row["attention"] = ev.attention_to_image().round(6).tolist()
     return row
@@ -109,7 +152,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
     rows_path = run / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
     rows = resume_rows(rows_path)
-    cands = candidate_ids(ad, sorted(set(dataset["answer"]))) if settings.statistic == "margin" else None
+    cands = answer_candidates(ad, dataset) if settings.statistic == "margin" else None
     todo = [i for i in range(rank, n, world) if i not in rows]
     with open(rows_path, "a") as f:
         for i in todo:
@@ -127,30 +170,46 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     return gather_rows([rows[i] for i in range(rank, n, world)])
 
 
-def aggregate(rows: list[dict], top_k: int = 5) -> dict:
-    """Mean score, standard error and top-k frequency per head; per-class means; faithfulness."""
-    S = np.array([r["scores"] for r in rows])  # [N, L, H]
+def _fit_corr(r: dict, which: str) -> float:
+    # rows written before the linear-fit correlation had its own name call it pearson/spearman
+    return r.get(f"fit_{which}", r.get(which, float("nan")))
+
+
+def _score_stats(S: np.ndarray, top_k: int) -> dict:
     N, L, H = S.shape
-    flat = S.reshape(N, -1)
-    top = np.argsort(-flat, axis=1)[:, :top_k]
+    top = np.argsort(-S.reshape(N, -1), axis=1)[:, :top_k]
     freq = np.zeros(L * H)
     for t in top:
         freq[t] += 1
+    return {"mean": S.mean(0), "stderr": S.std(0, ddof=1) / np.sqrt(N) if N > 1 else np.zeros((L, H)),
+            "topk_freq": (freq / N).reshape(L, H)}
+
+
+def aggregate(rows: list[dict], top_k: int = 5) -> dict:
+    """Mean score, standard error and top-k frequency per head (primary rate, and per rate in
+    ``rates``); per-class means; the held-out linear-fit correlation."""
+    S = np.array([r["scores"] for r in rows])  # [N, L, H]
+    N, L, H = S.shape
     agg = {
-        "mean": S.mean(0),
-        "stderr": S.std(0, ddof=1) / np.sqrt(N) if N > 1 else np.zeros((L, H)),
-        "topk_freq": (freq / N).reshape(L, H),
-        "pearson": float(np.nanmean([r["pearson"] for r in rows])),
-        "spearman": float(np.nanmean([r["spearman"] for r in rows])),
+        **_score_stats(S, top_k),
+        "fit_pearson": float(np.nanmean([_fit_corr(r, "pearson") for r in rows])),
+        "fit_spearman": float(np.nanmean([_fit_corr(r, "spearman") for r in rows])),
         "n_images": N,
         "clean_accuracy": float(np.mean([r["correct"] for r in rows])),
         "per_class": {},
     }
     for cls in sorted({r["answer"] for r in rows}):
         agg["per_class"][cls] = np.array([r["scores"] for r in rows if r["answer"] == cls]).mean(0)
+    agg["rates"] = {}
+    for key in rows[0].get("rates", {}):
+        Sr = np.array([r["rates"][key]["scores"] for r in rows])
+        agg["rates"][key] = {**_score_stats(Sr, top_k), "per_image": Sr,
+                             "fit_pearson": float(np.nanmean([r["rates"][key]["fit_pearson"] for r in rows])),
+                             "fit_spearman": float(np.nanmean([r["rates"][key]["fit_spearman"] for r in rows]))}
     if "single" in rows[0]:
         agg["single"] = np.array([r["single"] for r in rows]).mean(0)
         agg["attention"] = np.array([r["attention"] for r in rows]).mean(0)
+        agg["attention_per_image"] = np.array([r["attention"] for r in rows])
     return agg
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .regression import faithfulness
+from .regression import fit_correlation
 
 
 def _cos(a, b):
@@ -15,7 +15,7 @@ def _cos(a, b):
 
 def _spearman(a, b):
     # Many heads score exactly alike (often 0): scipy's average ranks keep ties order-free.
-    return faithfulness(a, b)[1]
+    return fit_correlation(a, b)[1]
 
 
 def group_similarity(scores: np.ndarray, semantic: list, appearance: list) -> dict:

@@ -16,7 +16,8 @@ def resolve_heads(ad, heads, from_attribution, top_k, seed=0):
     """--heads, --from-attribution DIR --top-k K (see ``headsteer.heads.select_heads``)."""
     from headsteer.heads import select_heads
 
-    rate = (click.get_current_context(silent=True) or click.Context(click.Command("x"))).meta.get("headsteer.rate")
+    ctx = click.get_current_context(silent=True)
+    rate = ctx.meta.get("headsteer.rate") if ctx is not None else None
     return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads, seed=seed, rate=rate)
 
 

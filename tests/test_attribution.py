@@ -102,16 +102,48 @@ def test_interrupted_run_resumes_without_recomputing(default_model, tmp_path):
 
 def test_cli_attribute_writes_every_output(tmp_path):
     out = tmp_path / "att"
-    r = CliRunner().invoke(main, ["attribute", "--n-images", "3", "--n-eval", "2", "--masks", "48", "--k-max", "3", "--out", str(out)])
+    r = CliRunner().invoke(main, ["attribute", "--n-images", "3", "--n-eval", "3", "--masks", "48", "--alpha", "0.1,0.6",
+                                  "--n-random", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    for name in ("scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "summary.md", "per_image.jsonl"):
+    for name in ("scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "layers.png", "summary.md",
+                 "per_image.jsonl"):
         assert (out / name).exists(), name
+    assert set(json.loads((out / "run.json").read_text())["written"]) >= {"topk_curve.png", "layers.png"}
     data = json.loads((out / "heads.json").read_text())
     assert len(data["heads"]) == 32 and data["baseline"]["kind"] == "mean"
-    assert set(data["topk_curves"]) == {"attribution", "single-head", "attention", "random"}
+    assert "faithfulness" not in data and set(data["fit_correlation"]) >= {"pearson", "spearman"}
+    c = data["curves"]
+    assert set(c["rankings"]) == {"attribution@0.1", "attribution@0.6", "single-head", "attention", "random"}
+    assert c["k"] == list(range(33)) and c["denominator"]["n_images"] == 3
+    for name, r in c["rankings"].items():
+        assert r["faithfulness"]["mean"][0] == 0 and r["faithfulness"]["mean"][32] == pytest.approx(1)
+        assert r["completeness"]["mean"][0] == 0 and r["completeness"]["mean"][32] == pytest.approx(1)
+        assert set(data["heads_needed"][name]["faithfulness"]) == {"0.5", "0.8", "0.9"}
+    assert [r["alpha"] for r in data["rates"]] == [0.1, 0.6] and data["primary_alpha"] == 0.1
+    assert data["rates"][0]["heads"][0]["head"] == data["heads"][0]["head"]
+    assert sum(data["layer_profile"]["count_per_layer"]) == 3 and "spearman" in data["attention_correlation"]
+    assert {data["regimes"]["keep_only"]["alpha"], data["regimes"]["removal"]["alpha"]} <= {0.1, 0.6}
+    summary = (out / "summary.md").read_text()
+    assert summary.splitlines()[2].startswith("**Heads needed for 80%") and "Where the heads sit" in summary
     scores = headsteer.attribution.report.load_scores(out)
-    assert scores["per_image"].shape == (3, 4, 8)
+    assert scores["per_image"].shape == (3, 4, 8) and scores["mean@0.6"].shape == (4, 8)
     assert not list(out.glob("*.tmp"))
+    # the edit commands pick a rate's ranking
+    from headsteer.heads import select_heads, top_heads
+
+    assert str(top_heads(out, 2, alpha=0.6)) == str(headsteer.HeadSet.parse(",".join(h["head"] for h in data["rates"][1]["heads"][:2])))
+    assert top_heads(out, 2) == top_heads(out, 2, alpha=0.1)
+    keep = data["regimes"]["keep_only"]["alpha"]
+    assert top_heads(out, 3, alpha="keep-only") == top_heads(out, 3, alpha=keep)
+    hs, info = select_heads(None, out, 2, num_layers=4, num_heads=8, rate=0.6)
+    assert info["alpha"] == 0.6 and hs == top_heads(out, 2, alpha=0.6)
+    with pytest.raises(HeadsteerError, match="rates 0.1, 0.6"):
+        top_heads(out, 2, alpha=0.3)
+    r = CliRunner().invoke(main, ["edit", "scale", "--from-attribution", str(out), "--top-k", "2", "--rate", "0.6",
+                                  "--factor", "0", "--out", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    edit = json.loads((tmp_path / "e.json").read_text())
+    assert edit["heads"] == str(top_heads(out, 2, alpha=0.6))
 
 
 def test_cli_attribute_on_a_local_data_file(tmp_path):
@@ -133,17 +165,3 @@ def test_cli_attribute_on_a_local_data_file(tmp_path):
     data = json.loads((out / "heads.json").read_text())
     assert data["baseline"]["kind"] == "mean" and data["baseline"]["reference"].startswith("user(4)")
     assert data["n_images"] == 2
-
-
-def test_compare_rankings_names_the_k_where_attribution_is_lowest():
-    from headsteer.attribution.pipeline import compare_rankings
-
-    k = [0, 1, 2, 3, 4]
-    curves = {"attribution": {"k": k, "accuracy": [1, 1, .8, .9, .5], "stat": [9, 8, 7, 9, 5]},
-              "single-head": {"k": k, "accuracy": [1, 1, .9, .9, .6], "stat": [9, 8.5, 8, 8, 6]},
-              "random": {"k": k, "accuracy": [1, .9, .9, .8, .7], "stat": [9, 9, 9, 9, 9]}}
-    v = compare_rankings(curves, k_limit=2)
-    assert "at k = [2] (k <= 2" in v
-    assert "lowest in accuracy at k = [2, 4] and in the statistic at k = [1, 2, 4]" in v
-    curves["attribution"]["accuracy"][2] = .9
-    assert "does not lower accuracy more than every other ranking for any k <= 2" in compare_rankings(curves, 2)
