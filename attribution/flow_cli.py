@@ -75,8 +75,9 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
 
     from .flow import MEASURE_WORDS, describe, flow_dataset
 
-    from headsteer.rundir import open_run, run_identity
+    from headsteer.rundir import check_out, open_run, run_identity
 
+    check_out(out)
     m, proc = load(model, device=device)
     ad = get_adapter(m, proc)
     if window > ad.num_layers:

@@ -117,7 +117,10 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
 
+    from headsteer.rundir import check_out
+
     ms = check_metrics(metrics)
+    check_out(out)
     edit = EditManifest.load(edit_path) if edit_path else None  # a bad manifest fails before the model loads
     if edit is not None:
         edit.allow_other_model = allow_other_model
@@ -184,7 +187,10 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
     if not paths:
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
+    from headsteer.rundir import check_out
+
     ms = check_metrics(metrics)
+    check_out(out)
     edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))  # bad manifests fail before the model loads
     for e in edits.values():
         e.allow_other_model = allow_other_model

@@ -186,13 +186,21 @@ def _check_writable(folder: Path):
             return
 
 
-def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str], info: dict) -> bool:
+def check_out(path) -> Path:
+    """Refuse, before any work, an --out that can never hold a run: a file, a folder that cannot be
+    written, a non-empty folder headsteer did not write. (Another run's folder is judged by
+    ``open_run``, which knows the identity.)"""
+    folder = Path(path)
     _check_writable(folder)
-    if folder.exists() and any(folder.iterdir()):
-        if _read_record(folder) is None:
-            raise HeadsteerError(f"{folder} is not empty and has no {RUN_FILE}: not written by headsteer (or by a version "
-                                 "before run identities); choose another --out (headsteer deletes nothing there, even "
-                                 "with --force)")
+    if folder.exists() and any(folder.iterdir()) and _read_record(folder) is None:
+        raise HeadsteerError(f"{folder} is not empty and has no {RUN_FILE}: not written by headsteer (or by a version "
+                             "before run identities); choose another --out (headsteer deletes nothing there, even "
+                             "with --force)")
+    return folder
+
+
+def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str], info: dict) -> bool:
+    check_out(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
