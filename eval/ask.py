@@ -36,7 +36,8 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
 @click.command("ask")
 @load_options
 @click.option("--image", "image", default=None, help="image path (default: the first easy-VQA test image)")
-@click.option("--question", default="what color is the shape?", show_default=True)
+@click.option("--question", default="what color is the shape?", show_default=True,
+              help="the question (the prompt template adds the image)")
 @click.option("--edit", "edit_path", default=None, help="edit manifest (JSON) to apply; its answer is shown beside the unedited one")
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1, 100), help="how many candidate answers to show")
 @click.option("--allow-other-model", is_flag=True, help="apply an edit made on other weights than --model's (base_hash differs)")
