@@ -1,0 +1,73 @@
+"""The README's examples run as written: its ```python blocks execute (in a temporary folder), every
+`headsteer ...` line of its ```bash blocks names options that exist, and the Commands table lists
+every file each command writes."""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from headsteer.cli import main
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = blocks("python")
+    assert code
+    for src in code:
+        exec(compile(src, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "ckpt-scale0" / "headsteer_edit.json").exists()
+
+
+def _command_lines():
+    for block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0]
+            m = re.search(r"(?:^|&&\s*|-m\s+)headsteer\s+(.*)$", line)
+            if m:
+                yield m.group(1).strip()
+
+
+@pytest.mark.parametrize("line", list(_command_lines()))
+def test_bash_lines_parse(line):
+    words = shlex.split(line)
+    ctx = click.Context(main)
+    cmd = main.get_command(ctx, words[0])
+    assert cmd is not None, line
+    rest = words[1:]
+    if isinstance(cmd, click.Group):
+        cmd, rest = cmd.get_command(ctx, rest[0]), rest[1:]
+        assert cmd is not None, line
+    known = {o for p in cmd.params for o in getattr(p, "opts", [])}
+    for w in rest:
+        if w.startswith("--"):
+            assert w.split("=")[0] in known, f"{w} is not an option of `{line}`"
+    cmd.make_context(cmd.name, list(rest), resilient_parsing=False)  # values parse too (types, choices)
+
+
+def _table_row(name):
+    row = next(line for line in README.splitlines() if line.startswith(f"| `headsteer {name}"))
+    return row.rsplit("|", 2)[1]
+
+
+def test_commands_table_lists_every_output():
+    from headsteer.attribution.flow_cli import FLOW_OUTPUTS
+    from headsteer.attribution.run import OUTPUTS as ATTRIBUTE
+    from headsteer.eval.compare import OUTPUTS as COMPARE
+    from headsteer.eval.run import OUTPUTS as EVAL
+    from headsteer.rundir import LOG_FILE, RUN_FILE
+
+    for name, outs in (("attribute", ATTRIBUTE), ("flow", FLOW_OUTPUTS), ("eval", EVAL), ("compare", COMPARE)):
+        row = _table_row(name)
+        missing = [o for o in (*outs, RUN_FILE, LOG_FILE) if o not in row]
+        assert not missing, f"README's Commands table misses {missing} for {name}"
+    assert "headsteer_edit.json" in _table_row("export")
