@@ -72,10 +72,9 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
 
     from headsteer import get_adapter, load
     from headsteer.data import load_data
+    from headsteer.rundir import check_out, open_run, run_identity
 
     from .flow import MEASURE_WORDS, describe, flow_dataset
-
-    from headsteer.rundir import check_out, open_run, run_identity
 
     check_out(out)
     m, proc = load(model, device=device)

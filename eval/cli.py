@@ -113,11 +113,10 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     from tqdm import tqdm
 
     from headsteer.edit import EditManifest
+    from headsteer.rundir import check_out
 
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
-
-    from headsteer.rundir import check_out
 
     ms = check_metrics(metrics)
     check_out(out)

@@ -19,8 +19,7 @@ import headsteer
 from .data import data_origin
 from .errors import HeadsteerError
 from .files import write_json
-from .fingerprint import (config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint,
-                          weights_fingerprint)
+from .fingerprint import config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint, weights_fingerprint
 from .parallel import on_main_process
 
 RUN_FILE = "run.json"
