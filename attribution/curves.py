@@ -160,11 +160,36 @@ def _num(x):
     return None if not np.isfinite(x) else (int(x) if x.is_integer() else round(x, 6))
 
 
-def summarize(raw: dict, names: list[str], grid, min_gap_frac: float = 0.1, n_boot: int = 1000, seed: int = 0) -> dict:
+def regimes(per: dict, names_m: list[str], rates: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Which rate's ranking serves keep-only (largest mean faithfulness over k) and which serves
+    removal (largest mean completeness over k), with the paired bootstrap interval of the best
+    rate's lead over the runner-up (over images)."""
+    out = {}
+    cols = [names_m.index(n) for n in rates]
+    for regime, c in (("keep_only", "faithfulness"), ("removal", "completeness")):
+        area = per[c][:, cols].mean(-1)  # [N, rates]: per-image mean over k
+        means = area.mean(0)
+        order = np.argsort(-means, kind="stable")
+        names = list(rates)
+        entry = {"alpha": rates[names[order[0]]], "curve": c,
+                 "mean_over_k": {f"{rates[n]:g}": float(m) for n, m in zip(names, means)}}
+        if len(order) > 1 and len(area) > 1:
+            b, r = order[0], order[1]
+            diffs = paired_bootstrap(area[:, [b]] - area[:, [r]], lambda m: m, n_boot=n_boot, seed=seed)[:, 0]
+            lo, hi = np.percentile(diffs, [2.5, 97.5])
+            entry.update(runner_up=rates[names[r]], lead=float(means[b] - means[r]), lead_low=float(lo), lead_high=float(hi),
+                         clear=bool(lo > 0))
+        out[regime] = entry
+    return out
+
+
+def summarize(raw: dict, names: list[str], grid, min_gap_frac: float = 0.1, n_boot: int = 1000, seed: int = 0,
+              rates: dict | None = None) -> dict:
     """Mean curves with BCa intervals and heads needed, JSON-ready: {"k", "rankings": {name:
     {faithfulness: {mean, low, high}, completeness: ..., accuracy_keep, accuracy_ablate,
     stat_keep, stat_ablate}}, "heads_needed": {name: {curve: {level: {k, low, high}}}},
-    "denominator": the guard, "clean": {...}, "all_ablated": {...}}."""
+    "denominator": the guard, "clean": {...}, "all_ablated": {...}}; with ``rates`` (ranking
+    name -> ablation rate, several) also "regimes" (see ``regimes``)."""
     faith, comp, used, guard = normalize(raw, min_gap_frac)
     faith, names_m = merge_random(faith, names)
     comp, _ = merge_random(comp, names)
@@ -184,6 +209,8 @@ def summarize(raw: dict, names: list[str], grid, min_gap_frac: float = 0.1, n_bo
             nan = np.full((R, G), np.nan)
             cis[c] = (nan, nan, nan)
     needed = {c: heads_needed(v, grid, n_boot=n_boot, seed=seed) if len(v) else None for c, v in per.items()}
+    if rates and len(rates) > 1 and len(faith):
+        res["regimes"] = regimes(per, names_m, rates, n_boot=n_boot, seed=seed)
     for j, name in enumerate(names_m):
         entry = {}
         for c in CURVES:

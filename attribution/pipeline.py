@@ -58,19 +58,6 @@ def attention_correlation(agg: dict, scores: np.ndarray, per_image: np.ndarray) 
     return {"spearman": s, "pearson": p, "spearman_per_image_mean": float(np.nanmean(per)) if per else float("nan")}
 
 
-def choose_regimes(curves: dict, names: dict[str, float]) -> dict:
-    """Which ablation rate's ranking serves keep-only (largest mean faithfulness over k) and
-    which serves removal (largest mean completeness over k)."""
-    out = {}
-    for regime, c in (("keep_only", "faithfulness"), ("removal", "completeness")):
-        area = {n: float(np.nanmean([x for x in curves["rankings"][n][c]["mean"] if x is not None] or [np.nan]))
-                for n in names}
-        best = max(area, key=lambda n: -np.inf if np.isnan(area[n]) else area[n])
-        out[regime] = {"alpha": names[best], "curve": c, "mean_over_k": {rate_key(names[n]): area[n] for n in names},
-                       "heads_needed_80": {rate_key(names[n]): curves["heads_needed"][n][c]["0.8"]["k"] for n in names}}
-    return out
-
-
 def rate_tables(agg: dict, names: dict[str, float], top_frac: float) -> list[dict]:
     out = []
     for name, a in names.items():
@@ -120,12 +107,11 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
 
         raw = measure(held, rankings, grid, L, H, logits_of, lambda i: ad.answer_token_id(held[i]["answer"], held[i]["question"]),
                       settings.statistic, cands, progress)
-        curves = summarize(raw, list(rankings), grid, min_gap_frac=min_gap_frac, n_boot=n_boot, seed=settings.seed)
+        curves = summarize(raw, list(rankings), grid, min_gap_frac=min_gap_frac, n_boot=n_boot, seed=settings.seed, rates=names)
         curves.update(statistic=settings.statistic, n_random=settings.n_random, masks_per_image=raw["n_masks"],
                       accuracy="the answer ranks first among the data set's answers (first tokens)")
         curves["headline"] = headline(curves, 0.8)
-        if len(names) > 1:
-            regimes = choose_regimes(curves, names)
+        regimes = curves.pop("regimes", None)
     elif settings.compare:
         held_out["note"] = "no held-out images after the attributed ones: faithfulness and completeness curves not computed"
     labels = similarity_labels(dataset, rows) if rows else None

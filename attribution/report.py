@@ -226,6 +226,15 @@ def _show_k(grid) -> list[int]:
     return [k for k in grid if k in want]
 
 
+def _regime(g: dict, what: str) -> str:
+    text = f"{what} is served best by the alpha {g['alpha']:g} ranking (" + ", ".join(
+        f"{a} {_fmt(v)}" for a, v in g["mean_over_k"].items()) + ")"
+    if "lead" in g:
+        text += (f", ahead of alpha {g['runner_up']:g} by {_fmt(g['lead'])} [{_fmt(g['lead_low'])}, {_fmt(g['lead_high'])}]"
+                 + ("" if g["clear"] else ": not a clear lead"))
+    return text
+
+
 def write_summary(out: Path, data: dict, n_heads: int) -> str:
     h = data["heads"]
     f = data["fit_correlation"]
@@ -249,12 +258,9 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
         if rates else f"- linear-fit correlation: Pearson {_fmt(f['pearson'])}, Spearman {_fmt(f['spearman'])}",
     ]
     if "regimes" in data:
-        g = data["regimes"]
-        lines.append(
-            f"- regimes: keep-only (faithfulness) is served best by the alpha {g['keep_only']['alpha']:g} ranking "
-            f"(mean faithfulness over k: " + ", ".join(f"{a} {_fmt(v)}" for a, v in g['keep_only']['mean_over_k'].items())
-            + f"); removal (completeness) by alpha {g['removal']['alpha']:g} (mean completeness over k: "
-            + ", ".join(f"{a} {_fmt(v)}" for a, v in g['removal']['mean_over_k'].items()) + ")")
+        lines.append("- regimes (mean of the curve over k; lead over the runner-up rate with its 95% paired bootstrap interval): "
+                     + "; ".join(_regime(data["regimes"][r], what) for r, what in (("keep_only", "keep-only (faithfulness)"),
+                                                                                    ("removal", "removal (completeness)"))))
     if c:
         K = c["k"][-1]
         d = c["denominator"]

@@ -56,9 +56,10 @@ def main():
     t0 = time.time()
 
     ds_att = load_easy_vqa("test", limit=80, qtypes=("shape",))
-    att = attribute_dataset(model, proc, ds_att, Settings(n_images=40, alpha=args.alpha), out / "attribution")
+    att = attribute_dataset(model, proc, ds_att, Settings(n_images=40, alpha=args.alpha, statistic="logit"), out / "attribution")
     top = HeadSet.parse(",".join(r["head"] for r in att["heads"][: args.top_k]))
-    res["attribution"] = {"faithfulness": att["faithfulness"], "top_heads": str(top), "comparison": att.get("comparison")}
+    res["attribution"] = {"fit_correlation": att["fit_correlation"], "top_heads": str(top),
+                          "heads_needed_80": (att.get("curves") or {}).get("headline")}
     print("attribution", res["attribution"], flush=True)
 
     # evaluation on test questions not used by the attribution (the attribution used shape questions 0-79)

@@ -15,7 +15,7 @@ from headsteer import HeadsteerError
 from headsteer.attribution.curves import (curve_masks, headline, heads_needed, k_grid, measure, normalize,
                                           random_rankings, summarize)
 from headsteer.attribution.engine import naive_logits
-from headsteer.attribution.pipeline import choose_regimes, layer_profile
+from headsteer.attribution.pipeline import layer_profile
 from headsteer.attribution.run import Settings, aggregate, attribute_example, ranked_heads
 from headsteer.baseline import make_baseline
 from headsteer.data import load_easy_vqa
@@ -92,7 +92,7 @@ def test_planted_heads_are_found_at_the_rate_of_their_regime():
     scales = [1.0, 1.5, 2.0]
     raw = measure(scales, rankings, grid, L, H, lambda i, m: planted_logits(m, scales[i]), lambda i: ANSWER,
                   "margin", [ANSWER, OTHER])
-    res = summarize(raw, list(rankings), grid, n_boot=200)
+    res = summarize(raw, list(rankings), grid, n_boot=200, rates={"attribution@0.1": 0.1, "attribution@0.5": 0.5})
     for name, ranking in rankings.items():
         for k in grid:
             f, c = by_hand(ranking, k)
@@ -105,8 +105,9 @@ def test_planted_heads_are_found_at_the_rate_of_their_regime():
     assert hn["attribution@0.1"]["faithfulness"]["0.8"]["k"] >= 2
     assert hn["attribution@0.5"]["faithfulness"]["0.9"]["k"] == 3  # 6/7 until B is kept too
     assert hn["attribution@0.5"]["faithfulness"]["0.5"]["k"] == 1
-    g = choose_regimes(res, {"attribution@0.1": 0.1, "attribution@0.5": 0.5})
+    g = res["regimes"]
     assert g["keep_only"]["alpha"] == 0.5 and g["removal"]["alpha"] == 0.5
+    assert g["keep_only"]["runner_up"] == 0.1 and g["keep_only"]["lead"] > 0
     h = headline(res)
     assert h["faithfulness"].startswith("attribution@0.5 needs fewest heads for 80% faithfulness, 1")
     prof = layer_profile(agg["rates"]["0.5"]["mean"], top_frac=0.25)
