@@ -196,6 +196,7 @@ def plot_layers(out: Path, rates: list[dict], num_layers: int):
         axes[1].bar(x + j * w - 0.4 + w / 2, p["mass_per_layer"], w, label=label)
     n = rates[0]["layer_profile"]["top_n"]
     axes[0].set_ylabel(f"heads among the top {n}")
+    axes[0].yaxis.get_major_locator().set_params(integer=True)
     axes[1].set_ylabel("share of positive attribution mass")
     for ax in axes:
         ax.set_xlabel("layer")
