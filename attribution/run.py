@@ -16,7 +16,7 @@ from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, run_identity
 
-from .engine import NO_FAST_PATH, SuffixRunner, as_baseline, naive_logits
+from .engine import SuffixRunner, as_baseline, fast_path_refusal, naive_logits
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 
@@ -93,7 +93,7 @@ class Evaluator:
         self.model, self.processor, self.baseline = model, processor, baseline
         self.ad = get_adapter(model, processor)
         self.inputs = self.ad.encode([image], [question])
-        self.fast = self.ad.model_type not in NO_FAST_PATH
+        self.fast = fast_path_refusal(self.ad) is None
         self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
 
     def __call__(self, masks):

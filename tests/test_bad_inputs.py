@@ -18,7 +18,6 @@ from headsteer.cli import main
 load_module = sys.modules["headsteer.load"]
 
 NO_CUDA = not torch.cuda.is_available()
-OWNED_ELSEWHERE = "fix belongs in attribution/cli.py (the [4/5] curves work): IntRange(min=1) / a range check after load"
 
 
 @pytest.fixture(scope="module")
@@ -205,12 +204,10 @@ CASES = [
     (["attribute", "--masks", "0"], E, "--masks"),
     (["attribute", "--masks", "1"], E, "--masks"),
     (["attribute", "--masks", "3"], E, "--masks"),
-    pytest.param(["attribute", "--out", "afile", "--n-images", "1", "--masks", "10"], E, "is a file",
-                 marks=pytest.mark.xfail(reason="attribution/cli.py opens its progress bar before the run folder: "
-                                                "call headsteer.rundir.check_out(out) first")),
-    pytest.param(["attribute", "--n-images", "0"], U, "--n-images", marks=pytest.mark.xfail(reason=OWNED_ELSEWHERE)),
-    pytest.param(["attribute", "--k-max", "0", "--n-images", "1"], U, "--k-max", marks=pytest.mark.xfail(reason=OWNED_ELSEWHERE)),
-    pytest.param(["attribute", "--qtype", "nonexist"], E, "no questions", marks=pytest.mark.xfail(reason=OWNED_ELSEWHERE)),
+    (["attribute", "--out", "afile", "--n-images", "1", "--masks", "10"], E, "is a file"),
+    (["attribute", "--n-images", "0"], U, "--n-images"),
+    (["attribute", "--k-max", "0", "--n-images", "1"], U, "--k-max"),
+    (["attribute", "--qtype", "nonexist"], E, "no questions"),
 ]
 
 
