@@ -6,36 +6,17 @@ import copy
 
 import numpy as np
 import torch
-from scipy import stats
 
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
+from headsteer.stats import bootstrap_ci
 
-from .vqa_answers import normalize_answer, vqa_accuracy
+from .vqa_answers import normalize_answer, vqa_accuracy  # noqa: F401  (normalize_answer is re-exported)
 
 
 def soft_accuracy(pred: str, answers) -> float:
     """Official VQAv2 accuracy over the reference answers (exact match with one reference)."""
     return vqa_accuracy(pred, answers)
-
-
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
-    """BCa bootstrap interval of the mean (scipy.stats.bootstrap)."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) == 0:
-        return (float("nan"), float("nan"))
-    if len(v) < 2 or np.ptp(v) == 0:
-        # Every resample has the same mean, so BCa's acceleration is 0/0 and scipy returns NaN:
-        # the interval of a constant sample is its value.
-        return (float(v[0]), float(v[0]))
-    ci = None
-    for method in ("BCa", "percentile"):  # BCa can still be NaN on nearly constant samples
-        res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method=method,
-                              rng=np.random.default_rng(seed), batch=100, vectorized=True)
-        ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-        if np.isfinite(ci).all():
-            break
-    return ci
 
 
 def answer_token_ids(ad, answer: str, question: str = "what is in the image?") -> list[int]:
