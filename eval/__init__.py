@@ -1,11 +1,9 @@
 """Evaluation: VQA accuracy and cross-modal transfer, before and after edits; comparisons."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
+from headsteer.lazy import make_lazy
 
-# Names resolve on first use (PEP 562): the CLI imports this package's command modules for
+# Names resolve on first use: the CLI imports this package's command modules for
 # `headsteer <command> --help`, which must not pay for torch and transformers.
 _LAZY = {
     "bootstrap_ci": "accuracy",
@@ -20,27 +18,5 @@ _LAZY = {
     "summary": "run",
 }
 
-
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name) if _LAZY[name] else \
-        importlib.import_module(f".{name}", __name__)
-    globals()[name] = value
-    return value
-
-
 __all__ = ["evaluate", "summary", "compare", "normalize_answer", "soft_accuracy", "bootstrap_ci", "load_benchmark", "load_pope", "load_vqa", "pope_metrics"]
-
-
-class _Package(types.ModuleType):
-    """The import system binds an imported submodule to the package attribute of its name; where
-    that name belongs to a function of the same name (``export``, ``compare``), keep the function."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+make_lazy(__name__, _LAZY)

@@ -5,11 +5,9 @@ Names are resolved on first use (PEP 562), so that ``import headsteer`` — and 
 ``--help`` — does not pay for torch and transformers until something needs them."""
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 from .errors import HeadsteerError
+from .lazy import make_lazy
+from .plugins import api
 
 __version__ = "0.1.0"
 
@@ -18,39 +16,16 @@ _LAZY = {
     "supported_families": "adapters", "intervene": "intervene", "Spec": "intervene", "Knockout": "intervene",
     "Recorder": "intervene",
 }
-_SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervene", "load", "toy"}
+_SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervene", "load", "toy"}  # import headsteer.X
 
 
 def load_edited(path, **kwargs):
     """Load a checkpoint written by ``headsteer export``, re-applying edits not baked into its weights
     (registered by headsteer.edit; see headsteer/plugins.py)."""
-    from .plugins import api
-
     return api("load_edited")(path, **kwargs)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'headsteer' has no attribute {name!r}")
-    globals()[name] = value
-    return value
 
 
 __all__ = ["HeadsteerError", "load_edited", *_LAZY]
 
 
-class _Package(types.ModuleType):
-    """The import system binds each imported submodule to the package attribute of its name; for
-    ``load`` and ``intervene`` that name belongs to the function (``headsteer.load(...)``)."""
-
-    def __setattr__(self, name, value):
-        if name in ("load", "intervene") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+make_lazy(__name__, {**{m: None for m in _SUBMODULES}, **_LAZY})  # a function keeps its module's name (load, intervene)
