@@ -15,6 +15,7 @@ step() {
 A="$OUT/attribute"
 step headsteer eval --qtype all --limit 10000 --metrics accuracy --batch-size 128 --out "$OUT/eval_full_test"
 step headsteer attribute --out "$A"
+step headsteer eval --mode open --qtype all --limit 500 --metrics accuracy --out "$OUT/eval_open"
 step headsteer attribute --alpha 0.3 --out "$OUT/attribute_a0.3"
 # the paper's yardstick: faithfulness/completeness curves and heads needed, per baseline and per ablation rate
 step headsteer attribute --baseline zero --out "$OUT/attribute_zero"
@@ -32,9 +33,9 @@ for k, v in res.items():
     print(f\"{k}: top {v['top_n']} overlap {v['overlap']} (Jaccard {v['jaccard']:.2f}), rank Spearman {v['rank_spearman']:.3f}\")
 " "$OUT"
 step headsteer flow --from-attribution "$A" --top-k 4 --out "$OUT/flow"
-step headsteer flow --from-attribution "$A" --top-k 4 --measure logit --out "$OUT/flow_logit"
-step headsteer flow --window 2 --measure logit --out "$OUT/flow_logit_w2"
-step headsteer flow --window 4 --measure logit --out "$OUT/flow_logit_w4"
+step headsteer flow --from-attribution "$A" --top-k 4 --measure logit_diff --out "$OUT/flow_logit"
+step headsteer flow --window 2 --measure logit_diff --out "$OUT/flow_logit_w2"
+step headsteer flow --window 4 --measure logit_diff --out "$OUT/flow_logit_w4"
 step python scripts/bench_attribution.py
 step python scripts/edit_experiments.py --out "$OUT/experiments"
 step python scripts/edit_experiments.py --top-k 8 --alpha 0.3 --contrast contrast:0.5 --out "$OUT/experiments_k8"
