@@ -152,21 +152,50 @@ def bar_plot(rows, path: Path):
     return png
 
 
+# What each column means, for readers of the HTML report.
+GLOSSARY = {
+    "accuracy": "VQA accuracy (exact match, or VQAv2 soft accuracy where there are several reference answers)",
+    "ci_low / ci_high": "95% BCa bootstrap interval of the accuracy over examples",
+    "delta_*": "difference from the unedited model on the same examples",
+    "image_reliance": "answer logit minus the answer logit with every head's image flow ablated (mean over examples)",
+    "accuracy_blank_image": "accuracy when the image is replaced by a blank (mean-colour) image",
+    "accuracy_no_image_flow": "accuracy with every head's image flow ablated",
+    "attn_to_image": "share of attention that text after the image puts on image tokens (mean over heads and layers)",
+    "topk_recovered_mean": "mean share of image reliance the top-k attributed heads recover alone (all others ablated)",
+    "p_*": "p-value of the test named under the table; *_holm: Holm-adjusted over the edits compared",
+}
+
+
+def _fmt_html(col: str, v) -> str:
+    if col.startswith("p_") and isinstance(v, float) and v == v:
+        return "&lt; 0.001" if v < 1e-3 else f"{v:.3f}"
+    return html.escape(_fmt(v))
+
+
 def html_report(rows, plot_png: bytes, heatmap: Path | None, title: str, settings: dict) -> str:
+    """A self-contained page: settings, the table (scrolls inside its box), notes, glossary, plots."""
     def img(data):
         return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}" style="max-width:100%">'
 
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt_html(c, r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    setting_rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+                           for k, v in settings.items())
+    glossary = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in GLOSSARY.items())
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:right}th{background:#eee}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1><pre>{html.escape(json.dumps(settings, indent=2))}</pre>",
-             f"<table><tr>{head}</tr>{body}</table>", *(f"<p>{html.escape(n)}</p>" for n in table_notes(rows)),
-             "<h2>Metrics</h2>", img(plot_png)]
+             "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+             ".scroll{overflow-x:auto}.settings td,.settings th{text-align:left}dt{font-weight:bold}"
+             "dd{margin:0 0 .5em 1.5em}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1><table class='settings'>{setting_rows}</table>",
+             f"<h2>Results</h2><div class='scroll'><table><tr>{head}</tr>{body}</table></div>",
+             *(f"<p>{html.escape(n)}</p>" for n in table_notes(rows)),
+             f"<h2>What the columns mean</h2><dl>{glossary}</dl>", "<h2>Metrics</h2>", img(plot_png)]
     if heatmap is not None and heatmap.exists():
-        parts += ["<h2>Head attribution</h2>", img(heatmap.read_bytes())]
+        parts += ["<h2>Head attribution</h2>",
+                  "<p>Score of each head (larger = ablating it lowers the answer more; negative = ablating it "
+                  "raises the answer).</p>", img(heatmap.read_bytes())]
     parts.append("</body></html>")
     return "".join(parts)
 

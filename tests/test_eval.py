@@ -143,3 +143,16 @@ def test_two_process_attribution_gives_the_same_scores(tmp_path):
     b = json.loads((tmp_path / "two" / "heads.json").read_text())["heads"]
     assert [r["head"] for r in a] == [r["head"] for r in b]
     assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
+
+
+def test_html_report_is_readable():
+    """The report scrolls its table in a box, shows small p-values as < 0.001, lists settings as a
+    table (not raw JSON) and explains its columns."""
+    from headsteer.eval.compare import html_report
+
+    rows = [{"edit": "unedited", "n": 10, "accuracy": 0.9, "p_accuracy": float("nan")},
+            {"edit": "a", "n": 10, "accuracy": 0.8, "p_accuracy": 1e-5}]
+    h = html_report(rows, b"", None, "t", {"edits": {"a": "scale L0H0"}, "n": 10})
+    assert "&lt; 0.001" in h and "0.0000" not in h
+    assert "overflow-x:auto" in h and "<pre>" not in h
+    assert "What the columns mean" in h and "image_reliance" in h
