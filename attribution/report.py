@@ -129,7 +129,7 @@ def plot_heatmap(out: Path, scores: np.ndarray, title: str):
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="score (drop of the statistic when ablated)")
+    fig.colorbar(im, ax=ax, label="score: drop of the statistic when ablated (< 0: ablating it raises the answer)")
     fig.tight_layout()
     save_figure(fig, out / "heatmap.png")
     plt.close(fig)
