@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, force_opt, friendly, model_opt, qtype_filter
+from headsteer.cli import force_opt, friendly, load_options, qtype_filter
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, write_json, write_text
 
@@ -48,7 +48,7 @@ def plot_flow(out: Path, flow: dict):
 
 
 @click.command()
-@model_opt
+@load_options
 @click.option("--data", default="easy-vqa", show_default=True, help="easy-vqa[:split] or a local VQA file/folder (box column for "
               "object/background patches)")
 @click.option("--qtype", default=None, help="question types (comma-separated; 'all')  [default: shape on easy-VQA, all elsewhere]")
@@ -64,9 +64,8 @@ def plot_flow(out: Path, flow: dict):
 @click.option("--out", default="runs/flow", show_default=True,
               help="output directory (a rerun of the same settings shows its results; --force recomputes)")
 @force_opt
-@device_opt
 @friendly
-def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force, device):
+def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force):
     """Attention knockout between token groups, layer window by layer window."""
     from tqdm import tqdm
 
@@ -77,7 +76,7 @@ def flow(model, data, qtype, n_images, window, heads, from_attribution, top_k, m
     from .flow import MEASURE_WORDS, describe, flow_dataset
 
     check_out(out)
-    m, proc = load(model, device=device)
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     ad = get_adapter(m, proc)
     if window > ad.num_layers:
         raise HeadsteerError(f"--window must be between 1 and {ad.num_layers} (the model's layers); got {window}")

@@ -66,7 +66,7 @@ def commands(model, work, dev, tag, n_images, masks, quick):
     step(f"{tag}: attribute with comparisons", ["attribute", "--model", model, "--n-images", "2", "--masks", "256",
          "--n-eval", "2", "--out", str(o / "attr-cmp"), "--force", *dev])
     step(f"{tag}: flow", ["flow", "--model", model, "--n-images", "1" if quick else "2", "--out", str(o / "flow"), "--force",
-         *dev[:2]])
+         *dev])
     step(f"{tag}: eval (accuracy + transfer)", ["eval", "--model", model, "--limit", "32", "--batch-size", "8",
          "--out", str(o / "eval"), "--force", *dev])
     step(f"{tag}: edit scale", ["edit", "scale", "--model", model, "--heads", "L1H0-3", "--factor", "0",

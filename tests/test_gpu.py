@@ -24,7 +24,7 @@ def main_paths(tmp_path, device, dtype):
     att = tmp_path / "att"
     run(["attribute", "--n-images", "2", "--masks", "24", "--n-eval", "2", "--k-max", "3", "--out", str(att), *dev])
     assert json.loads((att / "heads.json").read_text())
-    run(["flow", "--n-images", "1", "--out", str(tmp_path / "flow"), "--device", device])
+    run(["flow", "--n-images", "1", "--out", str(tmp_path / "flow"), *dev])
     run(["eval", "--limit", "8", "--batch-size", "4", "--out", str(tmp_path / "ev"), *dev])
     s = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert s["accuracy"]["all"]["accuracy"] > 0.5 and s["image_reliance"] == s["image_reliance"]
