@@ -87,7 +87,9 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     # Scaled after the matmuls: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not.
     q = query.float().contiguous()  # [M, Hq, s, d]
     q_rows = q.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, R, d)
-    sp = torch.bmm(q_rows, pk.transpose(1, 2)).mul_(scaling)  # [Hkv, R, P]
+    zero = q.new_zeros(())
+    # the GEMM applies the scaling to its fp32 result (alpha): no separate pass over the scores
+    sp = torch.baddbmm(zero, q_rows, pk.transpose(1, 2), beta=0, alpha=scaling)  # [Hkv, R, P]
     ss = torch.matmul(q.view(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)  # [M, Hkv, G*s, s]
 
     abl = session.ablation()
@@ -96,7 +98,7 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
         am = abl.ablate[..., layer, :].to(query.device).expand(M, Hq)  # [M, Hq]
         ab = am.view(M, Hkv, G).transpose(0, 1)[..., None, None].expand(Hkv, M, G, s, 1).reshape(Hkv, R, 1)
         kb, vb = abl.baseline.image_kv(layer, pre.n_img, torch.float32, query.device)  # [Hkv, n, d]
-        sb = torch.bmm(q_rows, kb.transpose(1, 2)).mul_(scaling)  # [Hkv, R, n]
+        sb = torch.baddbmm(zero, q_rows, kb.transpose(1, 2), beta=0, alpha=scaling)  # [Hkv, R, n]
         sp[..., pre.img] = torch.where(ab, sb, sp[..., pre.img])
         vb_delta = vb - pv[:, pre.img]  # what an ablated row reads instead, minus what it would read
     if softcap is not None:
@@ -104,7 +106,10 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
         ss = torch.tanh(ss / softcap) * softcap
     mask = additive_mask(module, attention_mask, s, P + s, query.device)  # [M|1, 1, s, P+s]
     if mask is not None:
-        sp.view(Hkv, M, G, s, P).add_(mask[..., :P])
+        # The prefix block is all zeros unless a sliding window hides old keys: skip that pass
+        # over the largest tensor here when nothing is masked (no mask from the model: causal).
+        if attention_mask is not None and bool((mask[..., :P] != 0).any()):
+            sp.view(Hkv, M, G, s, P).add_(mask[..., :P])
         ss = ss.view(M, Hkv, G, s, s).add_(mask[:, :, None, :, P:]).view(M, Hkv, G * s, s)
     ss = ss.transpose(0, 1).reshape(Hkv, R, s)
     top = torch.maximum(sp.amax(-1, keepdim=True), ss.amax(-1, keepdim=True))
