@@ -299,7 +299,9 @@ class Adapter:
         tok.padding_side = "left"
         try:
             kw = {}
-            if self.model_type in ("idefics3", "smolvlm"):
+            # these processors take one list of images per prompt; a flat list of a batch's images is
+            # read as all images of every prompt (Gemma 3 then refuses a batch of two prompts)
+            if self.model_type in ("idefics3", "smolvlm", "gemma3"):
                 images = [[im] for im in images]
             batch = proc(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
         finally:
