@@ -26,12 +26,24 @@ _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids
 __all__ = ["NO_FAST_PATH", "SuffixRunner", "fast_path_refusal", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
 
 
-def fast_path_refusal(ad) -> str | None:
-    """Why this model has no fast path (None: it has one)."""
+_SPLIT = ("text tokens between image tokens (tile markers, or several images) read the image inside the "
+          "prefix, so ablation changes the prefix and it cannot be shared")
+
+
+def fast_path_refusal(ad, input_ids=None) -> str | None:
+    """Why this model (or this prompt's layout, when ``input_ids`` [1, T] is given) has no fast
+    path (None: it has one)."""
     if ad.model_type in NO_FAST_PATH:
         return NO_FAST_PATH[ad.model_type]
     if ad.hybrid:
         return _HYBRID
+    if input_ids is not None:
+        groups = ad.token_groups(input_ids)
+        img = groups["image"][0]
+        if bool(img.any()):
+            end = int(img.nonzero().max()) + 1
+            if bool(groups["sees_image"][0, :end].any()):
+                return _SPLIT
     return None
 
 
@@ -75,14 +87,14 @@ class SuffixRunner:
 
     def __init__(self, model, processor, image, question, baseline, inputs=None, chunk=None):
         self.model, self.ad = model, get_adapter(model, processor)
-        reason = fast_path_refusal(self.ad)
-        if reason is not None:
-            raise HeadsteerError(f"no fast path for {self.ad.model_type}: {reason}; use fast=False")
         self.baseline = baseline
         self.inputs = inputs if inputs is not None else self.ad.encode([image], [question])
         ids = self.inputs["input_ids"]
         if ids.shape[0] != 1:
             raise HeadsteerError("the fast path takes one prompt at a time")
+        reason = fast_path_refusal(self.ad, ids)
+        if reason is not None:
+            raise HeadsteerError(f"no fast path for {self.ad.model_type}: {reason}; use fast=False")
         img = self.ad.image_mask(ids)[0]
         if not bool(img.any()):
             raise HeadsteerError("the prompt has no image tokens: give an image")
@@ -166,6 +178,7 @@ def ablated_logits(model, processor, image, question, masks, baseline="mean", fa
     ad = get_adapter(model, processor)
     base = as_baseline(model, processor, baseline)
     masks = check_masks(masks, ad)
-    if fast and fast_path_refusal(ad) is None:
-        return SuffixRunner(model, processor, image, question, base, chunk=chunk)(masks)
-    return naive_logits(model, processor, ad.encode([image], [question]), masks, base)
+    inputs = ad.encode([image], [question])
+    if fast and fast_path_refusal(ad, inputs["input_ids"]) is None:
+        return SuffixRunner(model, processor, None, None, base, inputs=inputs, chunk=chunk)(masks)
+    return naive_logits(model, processor, inputs, masks, base)

@@ -93,7 +93,7 @@ class Evaluator:
         self.model, self.processor, self.baseline = model, processor, baseline
         self.ad = get_adapter(model, processor)
         self.inputs = self.ad.encode([image], [question])
-        self.fast = fast_path_refusal(self.ad) is None
+        self.fast = fast_path_refusal(self.ad, self.inputs["input_ids"]) is None
         self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
 
     def __call__(self, masks):

@@ -194,7 +194,9 @@ class Adapter:
         """Named bool [B, T] position groups of a batch of prompts (left or right padded).
 
         ``after_image``: every real position after the last image token (the text the image flows
-        into); ``question``: those before the generation prompt; ``role``: the generation-prompt
+        into); ``sees_image``: every real text position after the *first* image token — also the
+        tokens between image tiles or between several images, which read the image too (head
+        ablation acts on these queries); ``question``: those before the generation prompt; ``role``: the generation-prompt
         tokens (e.g. ``ASSISTANT`` ``:``) except the last token; ``last``: the final real token.
         ``object``/``background`` split the image tokens when ``object_patches`` (bool [B, n_img])
         is given.
@@ -205,6 +207,8 @@ class Adapter:
         idx = torch.arange(T, device=input_ids.device).expand(B, T)
         last_img = torch.where(image, idx, torch.full_like(idx, -1)).max(dim=1).values
         after = (idx > last_img[:, None]) & real & (last_img[:, None] >= 0)
+        first_img = torch.where(image, idx, torch.full_like(idx, T)).min(dim=1).values
+        sees = (idx > first_img[:, None]) & real & ~image
         last_pos = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
         last = idx == last_pos[:, None]
         n_role = self.num_role_tokens()
@@ -215,6 +219,7 @@ class Adapter:
         groups = {
             "image": image,
             "after_image": after,
+            "sees_image": sees,
             "text": real & ~image,
             "question": question,
             "role": role & after,

@@ -246,7 +246,7 @@ def _group(groups, name_or_mask, k_len, device, offset=0):
         if name_or_mask not in groups:
             raise HeadsteerError(f"unknown token group {name_or_mask!r}; known: {', '.join(sorted(groups))}")
         g = groups[name_or_mask]
-        fill = name_or_mask in ("after_image", "text")  # generated tokens are text after the image
+        fill = name_or_mask in ("after_image", "sees_image", "text")  # generated tokens are text after the image
     else:
         g, fill = torch.as_tensor(name_or_mask), False
     return _pad_group(g.to(device).bool(), offset + k_len, fill)[:, offset:]
@@ -357,7 +357,8 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
         am = abl.ablate[..., layer, :].to(dev)  # [B|1, H]
         groups = session.groups_for(abl)
         img = _group(groups, "image", k_len, dev, off)
-        aft = _group(groups, "after_image", k_len, dev, off)[:, k_len - q_len:]
+        # every text query that sees the image: also tokens between image tiles or images
+        aft = _group(groups, "sees_image", k_len, dev, off)[:, k_len - q_len:]
         # image ordinals by absolute position: a sliding-window cache may have dropped the first ones
         full = _pad_group(groups["image"].to(dev), off + k_len, False)
         n_img = full.sum(1)
