@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from headsteer.adapters import get_adapter
+from headsteer.baseline import as_baseline
 from headsteer.errors import HeadsteerError
 from headsteer.intervene import Recorder, intervene
 from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, run_identity
 
-from .engine import SuffixRunner, as_baseline, fast_path_refusal, naive_logits
+from .engine import SuffixRunner, fast_path_refusal, naive_logits
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from headsteer.baseline import as_baseline
 from headsteer.errors import HeadsteerError
 from headsteer.fingerprint import rows_fingerprint
 from headsteer.parallel import finish_processes, gather_rows, process_shard  # noqa: F401  (were defined here)
@@ -14,7 +15,7 @@ from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, run_identity
 
 from .accuracy import bootstrap_ci, predict_closed, predict_open, soft_accuracy, summarize
-from .transfer import edited_baseline, transfer_batch
+from .transfer import transfer_batch
 
 METRICS = ("accuracy", "transfer")
 OUTPUTS = ("per_example.jsonl", "summary.json", "summary.md")  # what ``headsteer eval`` writes (the only files --force deletes)
@@ -70,9 +71,9 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     f = open(path, "a") if path is not None else None
     try:
         with _edit_context(model, processor, edit):
-            # built under the edit: an edited model ablates towards its own baseline K/V
-            base = edited_baseline(model, processor, baseline, dataset, edited=edit is not None) \
-                if "transfer" in metrics and todo else None
+            # built under the edit: an edited model ablates towards its own baseline K/V (the mean
+            # baseline's disk cache is bypassed while a hook edit is active: headsteer.baseline)
+            base = as_baseline(model, processor, baseline, dataset) if "transfer" in metrics and todo else None
             for s in range(0, len(todo), batch_size):
                 idx = todo[s : s + batch_size]
                 ex = [dataset[i] for i in idx]

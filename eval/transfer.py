@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from headsteer.adapters import get_adapter
-from headsteer.baseline import Baseline, as_baseline, blank_image
+from headsteer.baseline import blank_image
 from headsteer.heads import HeadSet
 from headsteer.intervene import Recorder, intervene
 
@@ -17,13 +17,6 @@ from .accuracy import candidate_token_ids, predict_closed, single_token_ids
 
 # |image reliance| below this (in logits) leaves the top-k share undefined (NaN)
 MIN_RELIANCE = 1e-6
-
-
-def edited_baseline(model, processor, baseline, dataset=None, edited: bool = False) -> Baseline:
-    """The baseline an ablation reads, computed from the model as it is now. Call it inside the
-    edit's context, so that an edited model ablates towards its own mean/blank image K/V (the mean
-    baseline's disk cache is bypassed while a hook edit is active: headsteer.baseline)."""
-    return as_baseline(model, processor, baseline, dataset)
 
 
 @torch.no_grad()

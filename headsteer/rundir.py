@@ -20,6 +20,7 @@ from .data import data_origin
 from .errors import HeadsteerError
 from .files import write_json
 from .fingerprint import config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint, weights_fingerprint
+from .intervene import is_intervened
 from .parallel import on_main_process
 
 RUN_FILE = "run.json"
@@ -49,9 +50,9 @@ def run_identity(command: str, model=None, processor=None, dataset=None, n: int 
     ident = {"command": command, "headsteer": headsteer.__version__}
     info = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if model is not None:
-        # an open intervention context (headsteer.intervene's session attribute) changes the numbers
-        # in a way no fingerprint sees; an edit installed by load_edited is recorded as installed_edit
-        if model.__dict__.get("_headsteer_state") is not None and getattr(model, "_headsteer_edit", None) is None:
+        # an open intervention context changes the numbers in a way no fingerprint sees; an edit
+        # installed by load_edited is recorded as installed_edit
+        if is_intervened(model) and getattr(model, "_headsteer_edit", None) is None:
             raise HeadsteerError("an intervention or edit is active on the model, which a run folder cannot record: "
                                  "pass the edit as edit=..., or run without an output folder")
         p = next(model.parameters(), None)
