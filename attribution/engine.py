@@ -67,7 +67,9 @@ def _model_device_dtype(model):
 
 def auto_chunk(model, prefix_len: int, suffix_len: int, ad) -> int:
     """Masks per batch: 256 on the CPU; on a GPU as many as about half the free memory holds
-    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations)."""
+    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations), at
+    most 1,024: a 7B model's forward is already compute-bound at 256, and larger batches only raise
+    the peak memory."""
     device, dtype = _model_device_dtype(model)
     if device.type != "cuda":
         return 256
@@ -78,7 +80,7 @@ def auto_chunk(model, prefix_len: int, suffix_len: int, ad) -> int:
     per_mask = (2 * 4 * ad.num_heads * suffix_len * (prefix_len + suffix_len)  # scores, fp32
                 + suffix_len * (8 * width + 3 * inter) * dtype.itemsize  # activations
                 + 4 * getattr(tc, "vocab_size", 32000))  # last-position logits, fp32
-    return int(max(8, min(4096, (free // 2) // per_mask // 8 * 8)))
+    return int(max(8, min(1024, (free // 2) // per_mask // 8 * 8)))
 
 
 class SuffixRunner:

@@ -69,6 +69,8 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
         kw["dtype"] = dtype
     if device_map is not None:
         kw["device_map"] = device_map
+    elif device is not None and torch.device(device).type == "cuda":
+        kw["device_map"] = str(device)  # straight onto the GPU: a 7B checkpoint never stages in host memory
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     try:

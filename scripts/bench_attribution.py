@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="fast-path masks per batch (default: from free memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--profile", action="store_true", help="also print the top GPU kernels of one fast-path batch")
     ap.add_argument("--baseline", default=None, help="mean / blank / zero (default: mean for the default model, else zero)")
     args = ap.parse_args()
     dev = args.device
@@ -122,10 +123,9 @@ def main():
     t_peer = timed(peer, dev) / args.peer_batch if "image_grid_thw" not in inputs else float("nan")
 
     def plain():
-        ids = runner.suffix.expand(runner.chunk, -1)
         with torch.no_grad():
-            for _ in range(0, args.masks, runner.chunk):
-                model(input_ids=ids, logits_to_keep=1)
+            for i in range(0, args.masks, runner.chunk):
+                model(input_ids=runner.suffix.expand(min(runner.chunk, args.masks - i), -1), logits_to_keep=1)
 
     t_plain = timed(plain, dev) / args.masks
     if dev.startswith("cuda"):
@@ -145,6 +145,22 @@ def main():
               f"fast runs {flops / t_fast / 1e12:.1f} TFLOP/s ({(1 / t_fast) / (peak / flops):.1%} of the bound)")
         print(f"peak GPU memory (fast path): {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB; "
               f"GPU: {torch.cuda.get_device_name()}")
+    if args.profile:
+        profile(runner, masks[: runner.chunk], dev)
+
+
+def profile(runner, masks, dev):
+    """Where one fast-path batch spends its device time, by kernel (the first thing to read when the
+    fast path falls short of the plain forward)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    runner(masks)
+    sync(dev)
+    with torch.profiler.profile(activities=acts) as prof:
+        runner(masks)
+        sync(dev)
+    key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+    print(f"profile of one fast-path batch of {len(masks)} masks:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

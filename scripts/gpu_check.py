@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,13 +22,41 @@ from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import headsteer  # noqa: E402
+from headsteer.ask import default_image  # noqa: E402
 from headsteer.cli import main as cli  # noqa: E402
 
 RESULTS = []
+STATE = {"deadline": float("inf"), "json": None, "extra": {}}
 
 
-def step(name, args, cwd=None):
+def left() -> float:
+    return STATE["deadline"] - time.perf_counter()
+
+
+def save():
+    """Written after every step, so a run cut off at its time limit still reports what it measured."""
+    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "steps": RESULTS, **STATE["extra"]}
+    for path in STATE["json"]:
+        path.write_text(json.dumps(summary, indent=2))
+
+
+def skipped(name, need):
+    """Steps run in order of importance; one that would not finish in the time left is recorded as skipped."""
+    if left() >= need:
+        return False
+    RESULTS.append({"step": name, "ok": None, "wall_s": 0, "peak_gib": 0, "error": f"skipped: {left():.0f} s left"})
+    print(f"[skip] {name:<42} ({left():.0f} s left, needs about {need} s)", flush=True)
+    save()
+    return True
+
+
+
+def step(name, args, need=20):
     """One CLI command in this process: wall time and peak GPU memory."""
+    if skipped(name, need):
+        return None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -40,7 +70,28 @@ def step(name, args, cwd=None):
         tail = f"{type(r.exception).__name__}: {r.exception}"
     RESULTS.append({"step": name, "ok": ok, "wall_s": round(wall, 1), "peak_gib": round(peak, 2), "error": tail})
     print(f"[{'ok' if ok else 'FAIL'}] {name:<42} {wall:7.1f} s  peak {peak:6.2f} GiB  {tail}", flush=True)
+    save()
     return r
+
+
+def script(name, cmd, need, timeout=None):
+    """A subprocess (benchmark, tests): its output is printed and kept in the JSON."""
+    if skipped(name, need):
+        return None
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or max(30, left()))
+        out, ok = p.stdout + p.stderr, p.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        out, ok = f"{e.stdout or ''}{e.stderr or ''}\ntimed out", False
+    out = out if isinstance(out, str) else out.decode(errors="replace")
+    wall = time.perf_counter() - t
+    print(out.rstrip(), flush=True)
+    tail = "" if ok else (out.strip().splitlines() or [""])[-1]
+    RESULTS.append({"step": name, "ok": ok, "wall_s": round(wall, 1), "peak_gib": None, "error": tail, "output": out[-6000:]})
+    print(f"[{'ok' if ok else 'FAIL'}] {name:<42} {wall:7.1f} s  {tail}", flush=True)
+    save()
+    return out
 
 
 def shaped(shape, work, device, dtype, small):
@@ -48,51 +99,94 @@ def shaped(shape, work, device, dtype, small):
     if not (out / "config.json").exists():
         cmd = [sys.executable, str(ROOT / "scripts" / "make_shaped_checkpoint.py"), "--shape", shape, "--out", str(out),
                "--device", device, "--dtype", dtype] + (["--small"] if small else [])
-        t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        print(f"[{'ok' if p.returncode == 0 else 'FAIL'}] make {shape:<37} {time.perf_counter() - t:7.1f} s  "
-              f"{(p.stdout + p.stderr).strip().splitlines()[-1] if (p.stdout + p.stderr).strip() else ''}", flush=True)
-        if p.returncode != 0:
+        if script(f"make {shape}", cmd, need=90) is None or not RESULTS[-1]["ok"]:
             return None
     return out
 
 
-def commands(model, work, dev, tag, n_images, masks, quick):
-    """Every command on one model; returns the attribute and info wall times."""
+def precision_at_shape(model_dir, device, dtypes=("bf16",)):
+    """The precision contract (tests/test_precision.py) on a shaped checkpoint: the fast and naive
+    paths' error against an fp32 run of the same weights, next to the eager fp32-attention reference's."""
+    name = f"precision contract at {Path(model_dir).name}"
+    if skipped(name, 60):
+        return
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_precision import check_contract  # the tests' own reference; tests/ is not a package
+
+    t = time.perf_counter()
+    rec = {"step": name, "ok": True, "wall_s": 0, "peak_gib": None, "error": ""}
+    try:
+        model, proc = headsteer.load(str(model_dir), device=device, dtype="fp32")
+        ad = headsteer.get_adapter(model, proc)
+        inputs = ad.encode([default_image()], ["what shape is in the image?"])
+        for dt in dtypes:
+            try:
+                errs, ref = check_contract(model, inputs, {"bf16": torch.bfloat16, "fp16": torch.float16}[dt], n_masks=4)
+                rec[dt] = {"fast_err": errs["fast"], "naive_err": errs["naive"], "reference_err": ref,
+                           "budget": 1.5 * ref + 1e-3}
+            except AssertionError as e:  # the contract's own assertion: keep its numbers
+                rec["ok"], rec["error"] = False, f"{dt}: {str(e)[:300]}"
+        del model
+    except Exception as e:  # noqa: BLE001 - the check reports every failure and goes on
+        rec["ok"], rec["error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
+    rec["wall_s"] = round(time.perf_counter() - t, 1)
+    RESULTS.append(rec)
+    print(f"[{'ok' if rec['ok'] else 'FAIL'}] {name:<42} {rec['wall_s']:7.1f} s  "
+          f"{ {k: v for k, v in rec.items() if k in ('bf16', 'fp16')} } {rec['error']}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    save()
+
+
+def load_and_attribute(model, work, dev, tag, n_images, masks):
     o = work / f"out-{tag}"
-    step(f"{tag}: info (load only)", ["info", "--model", model, *dev])
-    r = step(f"{tag}: attribute {n_images} img x {masks} masks", ["attribute", "--model", model, "--n-images", str(n_images),
-             "--masks", str(masks), "--no-compare", "--out", str(o / "attr"), "--force", *dev])
-    step(f"{tag}: attribute with comparisons", ["attribute", "--model", model, "--n-images", "2", "--masks", "256",
-         "--n-eval", "2", "--out", str(o / "attr-cmp"), "--force", *dev])
-    step(f"{tag}: flow", ["flow", "--model", model, "--n-images", "1" if quick else "2", "--out", str(o / "flow"), "--force",
-         *dev])
+    step(f"{tag}: info (load only)", ["info", "--model", model, *dev], need=30)
+    # Two sizes: the difference is the per-image cost, free of load and start-up.
+    for n in (max(1, n_images // 5), n_images):
+        step(f"{tag}: attribute {n} img x {masks} masks", ["attribute", "--model", model, "--n-images", str(n),
+             "--masks", str(masks), "--no-compare", "--out", str(o / f"attr{n}"), "--force", *dev], need=40 + 3 * n)
+
+
+def other_commands(model, work, dev, tag, quick, heavy_export):
+    """The other commands on one model, most telling first."""
+    o = work / f"out-{tag}"
     step(f"{tag}: eval (accuracy + transfer)", ["eval", "--model", model, "--limit", "32", "--batch-size", "8",
-         "--out", str(o / "eval"), "--force", *dev])
+         "--out", str(o / "eval"), "--force", *dev], need=40)
+    step(f"{tag}: flow", ["flow", "--model", model, "--n-images", "1" if quick else "2", "--out", str(o / "flow"), "--force",
+         *dev], need=30)
+    step(f"{tag}: attribute with comparisons", ["attribute", "--model", model, "--n-images", "2", "--masks", "256",
+         "--n-eval", "2", "--out", str(o / "attr-cmp"), "--force", *dev], need=45)
     step(f"{tag}: edit scale", ["edit", "scale", "--model", model, "--heads", "L1H0-3", "--factor", "0",
-         "--out", str(o / "scale.json"), *dev])
+         "--out", str(o / "scale.json"), "--force", *dev], need=15)
     step(f"{tag}: edit steer", ["edit", "steer", "--model", model, "--heads", "L1H0-3", "--n", "8",
-         "--contrast", "classes:circle,rectangle",
-         "--out", str(o / "steer.json"), *dev])
-    step(f"{tag}: export (scale, baked)", ["export", "--model", model, "--edit", str(o / "scale.json"),
-         "--out", str(o / "ckpt"), "--force", *dev])
+         "--contrast", "classes:circle,rectangle", "--data", "easy-vqa:test", "--out", str(o / "steer.json"), "--force", *dev], need=25)
     step(f"{tag}: compare (scale, steer)", ["compare", "--model", model, "--edits", str(o / "scale.json"), str(o / "steer.json"),
-         "--limit", "16", "--batch-size", "8", "--out", str(o / "cmp"), "--force", *dev])
-    step(f"{tag}: ask --edit", ["ask", "--model", model, "--edit", str(o / "scale.json"), *dev])
-    return r
+         "--limit", "16", "--batch-size", "8", "--out", str(o / "cmp"), "--force", *dev], need=40)
+    step(f"{tag}: ask --edit", ["ask", "--model", model, "--edit", str(o / "scale.json"), *dev], need=20)
+    step(f"{tag}: export (scale, baked)", ["export", "--model", model, "--edit", str(o / "scale.json"),
+         "--out", str(o / "ckpt"), "--force", *dev], need=90 if heavy_export else 15)
+    shutil.rmtree(o / "ckpt", ignore_errors=True)  # written by this script; a 7B copy would fill the disk
 
 
 def project(tag, n_images, masks):
     """Projected wall time of 1,000 images x 1,000 masks from the measured attribute and load times."""
-    load = next(r["wall_s"] for r in RESULTS if r["step"] == f"{tag}: info (load only)")
-    att = next(r for r in RESULTS if r["step"].startswith(f"{tag}: attribute {n_images}"))
-    if not att["ok"]:
+    def wall(n):
+        r = next((r for r in RESULTS if r["step"] == f"{tag}: attribute {n} img x {masks} masks" and r["ok"]), None)
+        return None if r is None else r["wall_s"]
+
+    small, big = wall(max(1, n_images // 5)), wall(n_images)
+    if small is None or big is None:
         return None
-    per_image = (att["wall_s"] - load) / n_images * (1000 / masks)
-    total = load + 1000 * per_image
+    per_image = (big - small) / (n_images - max(1, n_images // 5)) * (1000 / masks)
+    fixed = max(0.0, big - per_image * n_images * masks / 1000)  # load, data, start-up
+    total = fixed + 1000 * per_image
     print(f"{tag}: {per_image:.2f} s per image at 1,000 masks -> 1,000 images x 1,000 masks in {total / 60:.1f} min "
-          f"on one GPU (model load {load:.0f} s included)")
-    return {"model": tag, "per_image_s_at_1000_masks": round(per_image, 3), "projected_1000x1000_min": round(total / 60, 1)}
+          f"on one GPU ({fixed:.0f} s of load and start-up included)", flush=True)
+    p = {"model": tag, "measured": f"{n_images} images x {masks} masks in {big} s, {max(1, n_images // 5)} images in {small} s",
+         "per_image_s_at_1000_masks": round(per_image, 3), "projected_1000x1000_min": round(total / 60, 1)}
+    STATE["extra"].setdefault("projections", []).append(p)
+    save()
+    return p
 
 
 def main():
@@ -104,30 +198,44 @@ def main():
     ap.add_argument("--n-images", type=int, default=20)
     ap.add_argument("--masks", type=int, default=1000)
     ap.add_argument("--skip-qwen", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=480, help="steps that would not finish in this time are skipped")
     args = ap.parse_args()
+    STATE["deadline"] = time.perf_counter() + args.budget_s
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    STATE["json"] = [work / "gpu_check.json"] + ([Path(os.environ["OUT"]) / "gpu_check.json"] if os.environ.get("OUT") else [])
     dev = ["--device", args.device, "--dtype", args.dtype]
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    projections = []
-    commands("default", work, dev, "default", 4, 256, quick=True)
+    py = sys.executable
+    # In order of importance, so that a short lease still measures the issue's targets.
     llava = shaped("llava-1.5-7b", work, args.device, args.dtype, args.small)
     if llava is not None:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_attribution.py"), "--model", str(llava), "--device",
-                        args.device, "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "16"], check=False)
-        commands(str(llava), work, dev, "llava7b", args.n_images, args.masks, quick=False)
-        projections.append(project("llava7b", args.n_images, args.masks))
+        bench = script("bench: llava-1.5-7b shape", [py, str(ROOT / "scripts" / "bench_attribution.py"), "--model", str(llava),
+                       "--device", args.device, "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "16", "--profile"],
+                       need=60, timeout=240)
+        STATE["extra"]["bench_llava7b"] = bench
+        load_and_attribute(str(llava), work, dev, "llava7b", args.n_images, args.masks)
+        project("llava7b", args.n_images, args.masks)
+        precision_at_shape(llava, args.device)
+    script("tests: test_gpu.py, test_precision.py", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           str(ROOT / "tests" / "test_gpu.py"), str(ROOT / "tests" / "test_precision.py")], need=60, timeout=180)
+    load_and_attribute("default", work, dev, "default", 4, 256)
+    other_commands("default", work, dev, "default", quick=True, heavy_export=False)
+    if llava is not None:
+        other_commands(str(llava), work, dev, "llava7b", quick=False, heavy_export=True)
     if not args.skip_qwen:
         qwen = shaped("qwen2.5-vl-7b", work, args.device, args.dtype, args.small)
         if qwen is not None:
-            commands(str(qwen), work, dev, "qwen7b", max(2, args.n_images // 4), args.masks, quick=True)
-            projections.append(project("qwen7b", max(2, args.n_images // 4), args.masks))
-    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else args.device,
-               "steps": RESULTS, "projections": [p for p in projections if p]}
-    (work / "gpu_check.json").write_text(json.dumps(summary, indent=2))
-    failed = [r["step"] for r in RESULTS if not r["ok"]]
-    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+            n = max(2, args.n_images // 4)
+            load_and_attribute(str(qwen), work, dev, "qwen7b", n, args.masks)
+            project("qwen7b", n, args.masks)
+            other_commands(str(qwen), work, dev, "qwen7b", quick=True, heavy_export=True)
+    save()
+    failed = [r["step"] for r in RESULTS if r["ok"] is False]
+    skipped_ = [r["step"] for r in RESULTS if r["ok"] is None]
+    print(f"{len(RESULTS) - len(failed) - len(skipped_)} passed, {len(failed)} failed, {len(skipped_)} skipped"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
 
 

@@ -150,3 +150,14 @@ def test_lora_peft_adapter_directory_reproduces_the_edit(model_proc, batch, tmp_
     torch.testing.assert_close(logits(peft_model, batch), edited, atol=1e-5, rtol=0)
     export(model, proc, m, tmp_path / "ck")
     assert (tmp_path / "ck" / "lora_adapter" / "adapter_config.json").exists()
+
+
+def test_class_sets_pick_rows_by_answer():
+    import datasets
+
+    from headsteer.edit.steer import class_sets
+
+    ds = datasets.Dataset.from_dict({"image": [f"im{i}" for i in range(6)], "question": [f"q{i}" for i in range(6)],
+                                     "answer": ["circle", "red", "rectangle", "circle", "circle", "rectangle"]})
+    a, b = class_sets(ds, "circle", "rectangle", n=2)
+    assert a == [("im0", "q0"), ("im3", "q3")] and b == [("im2", "q2"), ("im5", "q5")]
