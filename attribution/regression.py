@@ -38,7 +38,7 @@ def statistic(logits: torch.Tensor, answer_id: int, kind: str = "logit", candida
         raise HeadsteerError(f"unknown statistic {kind!r}: use one of {', '.join(STATISTICS)}")
     other = logits.clone()
     if candidates is not None and set(candidates) - {answer_id}:  # else no other answer: the whole vocabulary
-        keep = torch.zeros(other.shape[-1], dtype=torch.bool)
+        keep = torch.zeros(other.shape[-1], dtype=torch.bool, device=other.device)
         keep[list(candidates)] = True
         other[:, ~keep] = float("-inf")
     other[:, answer_id] = float("-inf")

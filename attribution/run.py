@@ -97,10 +97,10 @@ class Evaluator:
         self.fast = fast_path_refusal(self.ad, self.inputs["input_ids"]) is None
         self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
 
-    def __call__(self, masks):
+    def __call__(self, masks, reduce=None):
         if self.runner is not None:
-            return self.runner(masks)
-        return naive_logits(self.model, self.processor, self.inputs, masks, self.baseline)
+            return self.runner(masks, reduce)
+        return naive_logits(self.model, self.processor, self.inputs, masks, self.baseline, reduce)
 
     @torch.no_grad()
     def attention_to_image(self):
@@ -119,8 +119,12 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
     per_rate = [sample_masks(s.masks, L, H, a, seed) for a in rates]
     none = torch.zeros(1, L, H, dtype=torch.bool)
     single = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H) if s.compare else none[:0]
-    logits = ev(torch.cat([none, *per_rate, single]))
-    stats = statistic(logits, answer_id, s.statistic, candidates)
+    def reduce(logits):  # on the device: the statistic, and whether the answer is the argmax
+        return torch.stack([statistic(logits, answer_id, s.statistic, candidates),
+                            (logits.argmax(-1) == answer_id).float()], -1)
+
+    out = ev(torch.cat([none, *per_rate, single]), reduce)
+    stats, correct = out[:, 0], bool(out[0, 1])
     clean = float(stats[0])
     fits = {}
     for j, (a, masks) in enumerate(zip(rates, per_rate)):
@@ -129,7 +133,7 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
         fits[rate_key(a)] = {"scores": f.scores.round(6).tolist(), "intercept": f.intercept, "fit_pearson": f.fit_pearson,
                              "fit_spearman": f.fit_spearman, "penalty": f.penalty, "masked_mean": float(y.mean())}
     first = fits[rate_key(rates[0])]
-    row = {**first, "clean": clean, "correct": int(logits[0].argmax()) == answer_id, "rates": fits}
+    row = {**first, "clean": clean, "correct": correct, "rates": fits}
     if s.compare:
         st = stats[1 + len(rates) * s.masks :]
         row["single"] = (clean - st).view(L, H).numpy().round(6).tolist()

@@ -9,6 +9,7 @@ paper-scale attribution (1,000 images x 1,000 masks). Run through scripts/gpu_ch
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from headsteer.ask import default_image  # noqa: E402
 from headsteer.cli import main as cli  # noqa: E402
 
 RESULTS = []
-STATE = {"deadline": float("inf"), "json": None, "extra": {}}
+STATE = {"deadline": float("inf"), "json": None, "extra": {}, "skip": []}
 
 
 def left() -> float:
@@ -43,7 +44,11 @@ def save():
 
 
 def skipped(name, need):
-    """Steps run in order of importance; one that would not finish in the time left is recorded as skipped."""
+    """Steps run in order of importance; one that would not finish in the time left, or that --skip
+    names, is recorded as skipped."""
+    if any(pat in name for pat in STATE["skip"]):
+        RESULTS.append({"step": name, "ok": None, "wall_s": 0, "peak_gib": 0, "error": "skipped: --skip"})
+        return True
     if left() >= need:
         return False
     RESULTS.append({"step": name, "ok": None, "wall_s": 0, "peak_gib": 0, "error": f"skipped: {left():.0f} s left"})
@@ -57,13 +62,16 @@ def step(name, args, need=20):
     """One CLI command in this process: wall time and peak GPU memory."""
     if skipped(name, need):
         return None
+    gc.collect()
+    held = 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()  # what earlier steps still hold does not count
     t = time.perf_counter()
     r = CliRunner().invoke(cli, args, catch_exceptions=True)
     wall = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - held) / 2 ** 30 if torch.cuda.is_available() else float("nan")
     ok = r.exit_code == 0
     tail = "" if ok else (r.output.strip().splitlines() or [repr(r.exception)])[-1]
     if not ok and r.exception is not None and not isinstance(r.exception, SystemExit):
@@ -126,13 +134,14 @@ def precision_at_shape(model_dir, device, dtypes=("bf16",)):
                            "budget": 1.5 * ref + 1e-3}
             except AssertionError as e:  # the contract's own assertion: keep its numbers
                 rec["ok"], rec["error"] = False, f"{dt}: {str(e)[:300]}"
-        del model
+        del model, ad
     except Exception as e:  # noqa: BLE001 - the check reports every failure and goes on
         rec["ok"], rec["error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
     rec["wall_s"] = round(time.perf_counter() - t, 1)
     RESULTS.append(rec)
     print(f"[{'ok' if rec['ok'] else 'FAIL'}] {name:<42} {rec['wall_s']:7.1f} s  "
           f"{ {k: v for k, v in rec.items() if k in ('bf16', 'fp16')} } {rec['error']}", flush=True)
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     save()
@@ -198,9 +207,11 @@ def main():
     ap.add_argument("--n-images", type=int, default=20)
     ap.add_argument("--masks", type=int, default=1000)
     ap.add_argument("--skip-qwen", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated parts of step names to skip (e.g. 'default:,llava7b: edit')")
     ap.add_argument("--budget-s", type=float, default=480, help="steps that would not finish in this time are skipped")
     args = ap.parse_args()
     STATE["deadline"] = time.perf_counter() + args.budget_s
+    STATE["skip"] = [p for p in args.skip.split(",") if p]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     STATE["json"] = [work / "gpu_check.json"] + ([Path(os.environ["OUT"]) / "gpu_check.json"] if os.environ.get("OUT") else [])

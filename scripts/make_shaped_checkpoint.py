@@ -85,8 +85,11 @@ def qwen25(small: bool):
     px = 336 if not small else 56
     ip = Qwen2VLImageProcessorPil(min_pixels=px * px, max_pixels=px * px)
     try:
-        processor = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    except (AttributeError, ImportError) as e:  # its video processor class is a stub without torchvision
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        processor = Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                                        chat_template=QWEN_TEMPLATE)
+    except (AttributeError, ImportError, TypeError) as e:  # the video processor needs torchvision
         raise SystemExit(f"Qwen2.5-VL's processor needs torchvision (install the build matching your torch): {e}")
     if small:
         text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,

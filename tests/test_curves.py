@@ -44,8 +44,9 @@ class StubEvaluator:
         self.ad = types.SimpleNamespace(num_layers=L, num_heads=H)
         self.scale = image_scale
 
-    def __call__(self, masks):
-        return planted_logits(masks, self.scale)
+    def __call__(self, masks, reduce=None):
+        logits = planted_logits(masks, self.scale)
+        return logits if reduce is None else reduce(logits)
 
     def attention_to_image(self):
         a = np.full((L, H), 0.5)

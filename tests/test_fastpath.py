@@ -41,3 +41,21 @@ def test_hybrid_stack_takes_the_naive_path(family):
     masks[1] = True
     naive = naive_logits(model, None, inputs, masks, base)
     assert (naive[0] - naive[1]).abs().max() > 1e-3
+
+
+def test_reduce_on_the_device_equals_reducing_the_host_logits():
+    from headsteer.attribution.regression import statistic
+
+    model, inputs = tiny("llava", batch=1)
+    ad = get_adapter(model)
+    masks = torch.rand(7, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(3)) < 0.4
+    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    runner = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=3)
+    full = runner(masks)
+
+    def reduce(logits):
+        return statistic(logits, 5, "margin", [5, 7, 9])
+
+    torch.testing.assert_close(runner(masks, reduce), statistic(full, 5, "margin", [5, 7, 9]), atol=0, rtol=0)
+    naive = naive_logits(model, None, inputs, masks, base)
+    torch.testing.assert_close(naive_logits(model, None, inputs, masks, base, reduce), reduce(naive), atol=0, rtol=0)

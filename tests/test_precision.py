@@ -39,7 +39,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
         bk, bv = base.image_kv(layer, int(img[0].sum()), key.dtype, key.device)
         kb[:, :, img[0]] = bk
         vb[:, :, img[0]] = bv
-        sel = masks[:, layer][:, :, None, None] & after[:, None, :, None]
+        sel = masks[:, layer].to(query.device)[:, :, None, None] & after.to(query.device)[:, None, :, None]
         out = torch.where(sel, attend(kb, vb), out)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
