@@ -1,6 +1,7 @@
 """``headsteer attribute``."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -51,21 +52,34 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
     s = Settings(n_images=n_images, masks=masks, alpha=alpha, baseline=baseline, statistic=statistic, method=method,
                  seed=seed, compare=not no_compare, n_random=n_random)  # checks the settings before loading anything
     check_out(out)
+    t0 = time.perf_counter()
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    t_load = time.perf_counter() - t0
     qtypes = qtype_filter(qtype, data)
     ds = load_data(data, limit=n_images + n_eval, qtypes=qtypes)
     if len(ds) == 0:
         raise HeadsteerError(f"{data} has no questions of type {qtype or 'shape'}: choose another --qtype (or --qtype all)")
     total = min(n_images, len(ds)) + (0 if no_compare else max(0, min(len(ds), n_images + n_eval) - n_images))
     rank, _ = process_shard()
+    done = [0]
+
+    def progress(k):
+        done[0] += k
+        bar.update(k)
+
     with tqdm(total=total, desc="attribute", unit="img", disable=rank > 0) as bar:
-        result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=bar.update, force=force,
+        t0 = time.perf_counter()
+        result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=progress, force=force,
                                    min_gap_frac=min_gap)
+        t_run = time.perf_counter() - t0
     if result is None:
         return
     click.echo((Path(out) / "summary.md").read_text())
     written = [n for n in ("run.json", *OUTPUTS) if (Path(out) / n).exists()]
     click.echo(f"wrote {out}/: {' '.join(written)}")
+    if done[0]:  # what a paper-scale run will cost, from this one
+        click.echo(f"time: model loaded in {t_load:.1f} s; {done[0]} images {'attributed' if no_compare else '(attributed and held out)'} in {t_run:.1f} s "
+                   f"({t_run / done[0]:.3f} s per image at {masks} masks)")
 
 
 from .flow_cli import flow  # noqa: E402

@@ -12,6 +12,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,10 +151,13 @@ def precision_at_shape(model_dir, device, dtypes=("bf16",)):
 def load_and_attribute(model, work, dev, tag, n_images, masks):
     o = work / f"out-{tag}"
     step(f"{tag}: info (load only)", ["info", "--model", model, *dev], need=30)
-    # Two sizes: the difference is the per-image cost, free of load and start-up.
-    for n in (max(1, n_images // 5), n_images):
-        step(f"{tag}: attribute {n} img x {masks} masks", ["attribute", "--model", model, "--n-images", str(n),
-             "--masks", str(masks), "--no-compare", "--out", str(o / f"attr{n}"), "--force", *dev], need=40 + 3 * n)
+    r = step(f"{tag}: attribute {n_images} img x {masks} masks", ["attribute", "--model", model, "--n-images",
+             str(n_images), "--masks", str(masks), "--no-compare", "--out", str(o / "attr"), "--force", *dev],
+             need=40 + 3 * n_images)
+    got = re.search(r"model loaded in ([\d.]+) s; (\d+) images attributed in ([\d.]+) s", r.output if r else "")
+    if got:  # attribute times its own load and run
+        STATE["extra"].setdefault("attribute_timing", {})[tag] = {
+            "load_s": float(got[1]), "images": int(got[2]), "run_s": float(got[3]), "masks": masks}
 
 
 def other_commands(model, work, dev, tag, quick, heavy_export):
@@ -178,20 +182,16 @@ def other_commands(model, work, dev, tag, quick, heavy_export):
 
 
 def project(tag, n_images, masks):
-    """Projected wall time of 1,000 images x 1,000 masks from the measured attribute and load times."""
-    def wall(n):
-        r = next((r for r in RESULTS if r["step"] == f"{tag}: attribute {n} img x {masks} masks" and r["ok"]), None)
-        return None if r is None else r["wall_s"]
-
-    small, big = wall(max(1, n_images // 5)), wall(n_images)
-    if small is None or big is None:
+    """Projected wall time of 1,000 images x 1,000 masks from attribute's own timing of its load and
+    of its per-image work (the per-image cost is linear in the masks)."""
+    t = STATE["extra"].get("attribute_timing", {}).get(tag)
+    if t is None:
         return None
-    per_image = (big - small) / (n_images - max(1, n_images // 5)) * (1000 / masks)
-    fixed = max(0.0, big - per_image * n_images * masks / 1000)  # load, data, start-up
-    total = fixed + 1000 * per_image
+    per_image = t["run_s"] / t["images"] * (1000 / masks)
+    total = t["load_s"] + 1000 * per_image
     print(f"{tag}: {per_image:.2f} s per image at 1,000 masks -> 1,000 images x 1,000 masks in {total / 60:.1f} min "
-          f"on one GPU ({fixed:.0f} s of load and start-up included)", flush=True)
-    p = {"model": tag, "measured": f"{n_images} images x {masks} masks in {big} s, {max(1, n_images // 5)} images in {small} s",
+          f"on one GPU (model load {t['load_s']:.0f} s included)", flush=True)
+    p = {"model": tag, "measured": f"{t['images']} images x {masks} masks in {t['run_s']} s after a {t['load_s']} s load",
          "per_image_s_at_1000_masks": round(per_image, 3), "projected_1000x1000_min": round(total / 60, 1)}
     STATE["extra"].setdefault("projections", []).append(p)
     save()

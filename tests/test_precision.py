@@ -62,7 +62,7 @@ def reference_logits(model, inputs, masks, base):
             for m in masks:
                 _REF["masks"] = m[None]
                 out.append(model(**inputs).logits[0, -1].float())
-        return torch.stack(out)
+        return torch.stack(out).cpu()  # on the host, as the engine's results
     finally:
         for c, impl in saved:
             c._attn_implementation_internal = impl
