@@ -19,7 +19,10 @@ from headsteer.intervene import Spec, intervene
 _HYBRID = "only some layers are attention; the shared prefix does not carry the recurrent/convolution layers' state yet"
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
                 "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
-                "qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID, "lfm2_vl": _HYBRID, "lfm3_vl": _HYBRID}
+                "qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID, "lfm2_vl": _HYBRID, "lfm3_vl": _HYBRID,
+                # cross-attention families: the image reaches the text only through cross-attention layers
+                "mllama": "image information reaches the text through cross-attention layers (naive path only)",
+                "idefics": "image information reaches the text through cross-attention layers (naive path only)"}
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
