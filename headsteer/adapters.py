@@ -3,6 +3,9 @@ and which sequence positions are image, question, role and last tokens.
 
 One generic adapter covers every family whose text backbone uses transformers' attention interface;
 families differ only in a few facts (token-id attribute names, prompt format), kept in ``FAMILIES``.
+In the cross-attention families (``CROSS_FAMILIES``) the text has no image positions: the image
+reaches it only through cross-attention layers, and the heads headsteer ranks and edits are those
+layers' query heads (``Adapter.attention`` holds the cross-attention modules only).
 """
 from __future__ import annotations
 
@@ -58,11 +61,18 @@ FAMILIES = {
     "lfm3_vl": "LFM3-VL (hybrid)",
 }
 
+# Families whose text reads the image only through cross-attention layers (keys/values from the
+# vision features): model_type -> (notes, attribute of a cross-attention decoder layer holding its
+# attention module, attribute holding the gate: the layer adds tanh(gate) x the attention output).
+CROSS_FAMILIES = {
+    "mllama": ("Llama 3.2 Vision (cross-attention layers)", "cross_attn", "cross_attn_attn_gate"),
+}
+
 # Image-text-to-text families refused, and why (checked before any weight loads).
 _VQ = "image VQ codes are part of the vocabulary; there are no image positions to ablate"
 _ENC_DEC = "encoder-decoder: the text decoder reads the image through cross-attention to an encoder, not through image positions"
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
-          "cross-attention head ablation is not built yet")
+          "cross-attention head ablation is built for mllama only so far")
 REFUSED = {
     "chameleon": _VQ,
     "emu3": _VQ,
@@ -71,7 +81,6 @@ REFUSED = {
     "udop": _ENC_DEC,
     "t5gemma2": _ENC_DEC,
     "vision-encoder-decoder": _ENC_DEC,
-    "mllama": _CROSS,
     "idefics": _CROSS,
     "blip": _CROSS,
     "llama4": ("Llama4ForConditionalGeneration.forward fails in transformers 5.24 (AttributeError: no image_outputs), "
@@ -92,12 +101,12 @@ POSITION_BASE = {"paligemma": 1}
 
 
 def supported_families() -> str:
-    return ", ".join(sorted(FAMILIES))
+    return ", ".join(sorted([*FAMILIES, *CROSS_FAMILIES]))
 
 
 def check_family(model_type: str, where: str = ""):
     """One-line HeadsteerError for a model type headsteer does not support, saying why."""
-    if model_type in FAMILIES:
+    if model_type in FAMILIES or model_type in CROSS_FAMILIES:
         return
     why = REFUSED.get(model_type, "no tested adapter for it yet")
     raise HeadsteerError(f"unsupported architecture {model_type!r}{where}: {why}; supported: {supported_families()}")
@@ -138,6 +147,14 @@ class Adapter:
     processor: object = field(default=None, repr=False)
     video_token_id: int | None = None  # video frames are image tokens too
     language_model: nn.Module | None = field(default=None, repr=False)
+    gates: list | None = field(default=None, repr=False)  # cross-attention families: each layer's gate parameter
+
+    @property
+    def cross_attention(self) -> bool:
+        """True when the text reads the image only through cross-attention layers (``CROSS_FAMILIES``):
+        ``attention`` holds those layers' modules, every key they read is an image token and every
+        query a text position."""
+        return self.gates is not None
 
     @property
     def own_positions(self) -> bool:
@@ -146,19 +163,20 @@ class Adapter:
 
     @property
     def num_layers(self) -> int:
-        """Attention layers of the language model. In hybrid stacks (some layers recurrent or
-        convolutional) heads exist only in the attention layers, and a HeadSet's layer index ``L<i>``
-        is the index among the attention layers; ``model_layer(i)`` gives the model's own index."""
+        """Attention layers of the language model that headsteer acts on. In hybrid stacks (some layers
+        recurrent or convolutional) heads exist only in the attention layers, and in cross-attention
+        families only the cross-attention layers carry the image: there a HeadSet's layer index
+        ``L<i>`` is the index among those layers; ``model_layer(i)`` gives the model's own index."""
         return len(self.attention)
 
     def model_layer(self, layer: int) -> int:
-        """The model's own index of attention layer ``layer`` (differs in hybrid stacks)."""
+        """The model's own index of layer ``layer`` (differs in hybrid stacks and cross-attention families)."""
         return self.attention[layer].layer_idx
 
     @property
     def hybrid(self) -> bool:
         """True when only some decoder layers are attention layers (the others recurrent/convolutional)."""
-        return len(self.attention) < self.text_config.num_hidden_layers
+        return not self.cross_attention and len(self.attention) < self.text_config.num_hidden_layers
 
     @property
     def text_config(self):
@@ -306,7 +324,7 @@ class Adapter:
             kw = {}
             # these processors take one list of images per prompt; a flat list of a batch's images is
             # read as all images of every prompt (Gemma 3 then refuses a batch of two prompts)
-            if self.model_type in ("idefics3", "smolvlm", "gemma3"):
+            if self.model_type in ("idefics3", "smolvlm", "gemma3", "mllama"):
                 images = [[im] for im in images]
             batch = proc(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
         finally:
@@ -353,9 +371,15 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     mtype = getattr(cfg, "model_type", type(model).__name__)
     check_family(mtype, f" ({type(model).__name__})")
     lm = _language_model(model)
-    cls = _attention_class(lm)
-    mods = [m for m in lm.modules() if (isinstance(m, cls) if cls is not None else hasattr(m, "o_proj")) and hasattr(m, "layer_idx")]
-    mods.sort(key=lambda m: m.layer_idx)
+    gates = None
+    if mtype in CROSS_FAMILIES:
+        _, attr, gate = CROSS_FAMILIES[mtype]
+        layers = [layer for layer in lm.layers if isinstance(getattr(layer, attr, None), nn.Module)]
+        mods, gates = [getattr(layer, attr) for layer in layers], [getattr(layer, gate) for layer in layers]
+    else:
+        cls = _attention_class(lm)
+        mods = [m for m in lm.modules() if (isinstance(m, cls) if cls is not None else hasattr(m, "o_proj")) and hasattr(m, "layer_idx")]
+        mods.sort(key=lambda m: m.layer_idx)
     if not mods:
         raise HeadsteerError(f"no attention modules found in {type(lm).__name__}")
     tcfg = cfg.get_text_config()
@@ -369,6 +393,6 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     ad = Adapter(model=model, model_type=mtype, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
                  head_dim=head_dim, image_token_id=int(image_token_id),
                  pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor,
-                 video_token_id=None if video_token_id is None else int(video_token_id), language_model=lm)
+                 video_token_id=None if video_token_id is None else int(video_token_id), language_model=lm, gates=gates)
     model._headsteer_adapter = ad
     return ad

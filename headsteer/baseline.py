@@ -3,7 +3,8 @@
 ``zero``: zeros. ``blank``: the keys/values the model computes for a blank (mean-grey) image.
 ``mean``: the mean keys/values per layer, KV head and image position over a reference set of
 images. Keys are taken after rotary embedding, indexed by image-token ordinal, so they fit any
-prompt whose image tokens sit where the reference prompts' did.
+prompt whose image tokens sit where the reference prompts' did. In a cross-attention family the
+keys/values are those of each cross-attention layer, indexed by key position (tile and patch).
 """
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ class TensorBaseline(Baseline):
 @torch.no_grad()
 def capture_image_kv(model, processor, images, questions, batch_size=16):
     """Mean over ``images`` of each layer's K/V at image positions: ([L, Hkv, n, d], [L, Hkv, n, d])
-    as fp32 on the host. The forward runs under the precision policy (fp32 attention arithmetic),
-    as every ablated forward does."""
+    as fp32 on the host (in a cross-attention family: at every key of the cross-attention layers).
+    The forward runs under the precision policy (fp32 attention arithmetic), as every ablated
+    forward does."""
     ad = get_adapter(model, processor)
     ksum = vsum = None
     n = 0
@@ -121,6 +123,10 @@ def capture_image_kv(model, processor, images, questions, batch_size=16):
         ks, vs = [], []
         for layer in range(ad.num_layers):
             k, v = cap[layer]
+            if ad.cross_attention:  # every key is an image feature
+                ks.append(k.float().sum(0))
+                vs.append(v.float().sum(0))
+                continue
             B, H, T, d = k.shape
             ks.append(k.transpose(1, 2)[img].view(B, -1, H, d).transpose(1, 2).float().sum(0))
             vs.append(v.transpose(1, 2)[img].view(B, -1, H, d).transpose(1, 2).float().sum(0))

@@ -10,6 +10,12 @@ fast path's shared prefix are all fields of one ``Spec``.
 Per batch element and per *query* head: under grouped-query attention the shared KV head is only
 replaced for the query heads that are selected.
 
+Cross-attention families (``Adapter.cross_attention``: Llama 3.2 Vision) have no image positions in
+the text: the layers headsteer acts on are the cross-attention layers, whose keys/values all come
+from the image. Ablating such a head replaces all its keys/values by the baseline for every query
+(every position is text); the model's cross-attention mask applies unchanged. Knockout and
+image-attention scaling are not defined there (every key is an image token) and are refused.
+
 Precision policy (every path): attention arithmetic (scores, softmax, weighted sum) in fp32, the
 output cast back to the model's dtype. In bf16/fp16, once an attention-level intervention is
 active every text layer runs this arithmetic, so the naive and the fast path share it.
@@ -58,7 +64,8 @@ class Spec:
     ``intervene`` never modifies a Spec, so one Spec can be reused.
 
     - ``ablate``: bool [B|1, L, H] (or HeadSet/string); the selected heads' queries after the
-      image read ``baseline`` keys/values at image positions.
+      image read ``baseline`` keys/values at image positions (in a cross-attention family: every
+      query of the selected cross-attention heads reads the baseline at every key).
     - ``baseline``: a ``headsteer.baseline.Baseline`` giving per-layer image K/V.
     - ``knockouts``: list of ``Knockout``.
     - ``image_attn``: float [L, H]; multiplies the attention probability that queries after the
@@ -86,7 +93,12 @@ class Spec:
 
 class Recorder:
     """Attention mass on image keys per (layer, head), summed over forwards. Sums stay on the
-    model's device during the forward; ``mean``/``per_example`` bring them to the host."""
+    model's device during the forward; ``mean``/``per_example`` bring them to the host.
+
+    In a cross-attention family every key is an image token, so that mass is 1 by construction.
+    There the recorder takes what each head writes into the residual stream instead: the norm
+    ``|tanh(gate) * W_O[:, head] @ head output|`` at the query (norm-based attention analysis,
+    Kobayashi et al. 2020) — a size in the residual stream's units, not a share."""
 
     def __init__(self, num_layers, num_heads):
         self.shape = (num_layers, num_heads)
@@ -101,7 +113,10 @@ class Recorder:
         return torch.stack([self._latest[l].float().mean(-1) for l in sorted(self._latest)], 1).cpu()
 
     def add(self, layer, probs, img_k, after_q, last_q):
-        mass = (probs * img_k[:, None, None, :]).sum(-1)  # [B, H, q]
+        self.add_mass(layer, (probs * img_k[:, None, None, :]).sum(-1), after_q, last_q)
+
+    def add_mass(self, layer, mass, after_q, last_q):
+        """``mass`` [B, H, q]: what each head gives each query (its attention mass on the image)."""
         lq, aq = last_q[:, None, :].float(), after_q[:, None, :].float()
         per_text = (mass * aq).sum(-1) / aq.sum(-1).clamp(min=1)  # [B, H]
         last = (mass * lq).sum(-1).sum(0).double()
@@ -110,7 +125,7 @@ class Recorder:
         self._text[layer] = self._text[layer] + text if layer in self._text else text
         self._latest[layer] = per_text.detach()
         if layer == 0:
-            self.count += probs.shape[0]
+            self.count += mass.shape[0]
 
     def mean(self, which="last") -> torch.Tensor:
         """float64 [L, H] on the host."""
@@ -175,6 +190,12 @@ def _compile(spec: Spec, ad: Adapter) -> _Active:
     for ko in spec.knockouts:
         if not isinstance(ko, Knockout):
             raise HeadsteerError(f"knockouts must be Knockout(src, dst, heads) values; got {type(ko).__name__}")
+    if ad.cross_attention:
+        if spec.knockouts or image_attn is not None:
+            raise HeadsteerError(f"{ad.model_type} reads the image through cross-attention layers, whose every key is an image "
+                                 "token: knockout and image-attention scaling are not defined there; use ablation or head scaling")
+        if spec.prefix is not None:
+            raise HeadsteerError(f"{ad.model_type} has no fast path (cross-attention layers): run the naive path (fast=False)")
     return _Active(ablate, layers, spec.baseline, tuple(spec.knockouts), image_attn, head_scale, head_add, spec.groups,
                    spec.prefix, bool(spec.fp32_attention))
 
@@ -292,7 +313,8 @@ def _make_attention(base: str):
             if prefix is not None:
                 return prefixed_attention(module, session, layer, prefix, query, key, value, attention_mask, scaling, kwargs)
             if session.layer_active(layer, query.dtype):
-                return _attend(module, session, layer, query, key, value, attention_mask, scaling, kwargs)
+                attend = _attend_cross if session.ad.cross_attention else _attend
+                return attend(module, session, layer, query, key, value, attention_mask, scaling, kwargs)
         return _base_fn(module, base)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     headsteer_attention.__name__ = f"headsteer_{base}"
@@ -372,6 +394,49 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
         sel = am[:, :, None, None] & aft[:, None, :, None]
         out = torch.where(sel, out_b, out)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _attend_cross(module, session: _Session, layer, query, key, value, attention_mask, scaling, kwargs):
+    """A cross-attention layer: keys/values [B, Hkv, n, d] are all image features, every query is
+    text. An ablated query head reads the baseline at every key, for every query; rows that the
+    model's cross-attention mask masks out keep the mask the model gives them (Mllama zeroes their
+    mask, so they average the values: the baseline's, under ablation)."""
+    ad = session.ad
+    B, Hq, q_len, d = query.shape
+    n, dev = key.shape[2], query.device
+    if attention_mask is None:
+        raise HeadsteerError(f"{ad.model_type}: its cross-attention layers got no cross-attention mask; pass the processor's "
+                             "cross_attention_mask with the inputs")
+    scaling = scaling if scaling is not None else d ** -0.5
+    n_rep = Hq // key.shape[1]
+    bias = additive_mask(module, attention_mask, q_len, n, dev)
+
+    def attend(k, v):
+        probs = torch.softmax(_scores(query, _repeat(k, n_rep), scaling, None) + bias, dim=-1)
+        return torch.matmul(probs, _repeat(v, n_rep).float())
+
+    out = attend(key, value)
+    if session.recorder is not None:
+        groups = session.groups_for(None)
+        end = session.past + q_len  # absolute positions of the queries: past .. end
+        after = _group(groups, "after_image", end, dev)[:, session.past:]
+        last = _group(groups, "last", end, dev)[:, session.past:]
+        session.recorder.add_mass(layer, _written_norm(ad, layer, out), after, last)
+    abl = session.ablation()
+    if abl is not None and layer in abl.ablate_layers:
+        am = abl.ablate[..., layer, :].to(dev)  # [B|1, H]
+        kb, vb = abl.baseline.image_kv(layer, n, key.dtype, dev)  # [Hkv, n, d]
+        out = torch.where(am[:, :, None, None], attend(kb[None], vb[None]), out)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _written_norm(ad: Adapter, layer, out):
+    """[B, H, q]: norm of what each head writes into the residual stream, tanh(gate) * W_O[:, h] @ out_h."""
+    w = ad.out_proj(layer).weight.float()
+    H, d = out.shape[1], out.shape[-1]
+    gate = torch.tanh(ad.gates[layer].detach().to(out.device).float()).reshape(-1)  # one gate, or one per residual channel
+    written = torch.einsum("bhqd,ehd->bhqe", out, w.view(w.shape[0], H, d)) * gate
+    return written.norm(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_rea
     assert set(REFUSED) <= set(MAPPING)
 
 
-@pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("mllama", "cross-attention"), ("florence2", "encoder-decoder"),
+@pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
                                         ("llama4", "transformers 5.24"), ("kosmos-2", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json

@@ -486,10 +486,50 @@ BUILDERS = {
 HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl"}
 
 
+# -- cross-attention families: the text reads the image only through cross-attention layers ---------
+MLLAMA_VISION = dict(hidden_size=16, num_hidden_layers=1, num_global_layers=1, attention_heads=2, intermediate_size=32,
+                     vision_output_dim=32, image_size=16, patch_size=8, max_num_tiles=2, intermediate_layers_indices=[0],
+                     supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+MLLAMA_TEXT = dict(TEXT, num_hidden_layers=4, cross_attention_layers=[1, 3])
+MLLAMA_KEYS = 2 * (2 * 2 + 1)  # cross-attention keys per image: 2 tiles (one of them padding) x (2x2 patches + class)
+
+
+def mllama_cross_mask(ids, image_tiles=1, max_tiles=2):
+    """The cross-attention mask as MllamaProcessor makes it: every token from the ``<|image|>`` token on
+    reads the image's real tiles; earlier tokens (and left pads) read none (rows masked out)."""
+    B, T = ids.shape
+    m = torch.zeros(B, T, 1, max_tiles, dtype=torch.long)
+    for b in range(B):
+        start = int((ids[b] == IMG).nonzero()[0])
+        m[b, start:, 0, :image_tiles] = 1
+    return m
+
+
+def _mllama(batch):
+    """Llama 3.2 Vision: 4 text layers of which 1 and 3 are cross-attention layers; one 16x16 image tile
+    per prompt out of 2 (the second a padding tile, masked by aspect_ratio_mask and the cross mask)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    cfg = MllamaConfig(vision_config=MLLAMA_VISION, text_config=MLLAMA_TEXT, image_token_index=IMG)
+    model = MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:  # gates start at 0 (tanh 0): the image would not matter
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(1.0)
+                layer.cross_attn_mlp_gate.fill_(0.5)
+    ids, am = _ids(1, batch)
+    return model, dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 1, 2, 3, 16, 16),
+                       aspect_ratio_ids=torch.ones(batch, 1, dtype=torch.long),
+                       aspect_ratio_mask=torch.tensor([[[1, 0]]] * batch), cross_attention_mask=mllama_cross_mask(ids))
+
+
+CROSS_BUILDERS = {"mllama": _mllama}
+
+
 def tiny(family: str, batch: int = 2, seed: int = 0):
     """(model in eval mode, batch dict) for a family."""
     torch.manual_seed(seed)
-    model, inputs = BUILDERS[family](batch)
+    model, inputs = {**BUILDERS, **CROSS_BUILDERS}[family](batch)
     return model.eval(), inputs
 
 
@@ -512,7 +552,7 @@ def alone_row(family, inputs, b):
     keep = inputs["attention_mask"][b].bool()
     out = {}
     for k, v in inputs.items():
-        if k in SEQ_KEYS:
+        if k in SEQ_KEYS or k == "cross_attention_mask":
             out[k] = v[b : b + 1][:, keep]
         elif k == "pixel_values" and "image_grid_thw" in inputs:  # flattened patches of every image
             sizes = inputs["image_grid_thw"].prod(-1).tolist()

@@ -1,0 +1,346 @@
+"""Cross-attention head ablation on a tiny Llama 3.2 Vision (mllama): the text has no image positions,
+the image reaches it only through cross-attention layers, and the heads headsteer acts on are those
+layers' query heads (HeadSet ``L<i>`` = the i-th cross-attention layer)."""
+import json
+
+import pytest
+import torch
+import transformers as tf
+from click.testing import CliRunner
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+from headsteer import HeadsteerError, Knockout, Recorder, Spec, get_adapter, intervene
+from headsteer.attribution import ablated_logits
+from headsteer.attribution.engine import naive_logits
+from headsteer.baseline import TensorBaseline, ZeroBaseline, make_baseline
+from headsteer.cli import main
+from headsteer.edit import EditManifest, apply_edit, export
+from test_processors import _template, image, make_tokenizer
+from tiny_models import IMG, MLLAMA_KEYS, VOCAB, alone_row, mllama_cross_mask, other_pixels, tiny
+
+CROSS_LAYERS = [1, 3]  # the tiny model's cross-attention layers (model indices)
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def random_baseline(ad, seed=3):
+    """Another image's K/V at every cross-attention key (exercises the replacement path)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(ad.num_layers, ad.num_kv_heads, MLLAMA_KEYS, ad.head_dim, generator=g)
+    return TensorBaseline(k, torch.randn(k.shape, generator=g), "test")
+
+
+def processor():
+    """MllamaProcessor built offline: a word-level tokenizer with ``<|image|>`` at the config's image
+    token id, 16x16 tiles (at most 2 per image), a small chat template."""
+    tok = make_tokenizer({"image_token": "<|image|>"}, specials=("<|python_tag|>",), ids={"<|image|>": IMG})
+    return tf.MllamaProcessor(MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=2), tok,
+                              chat_template=_template("USER: ", " ", "ASSISTANT:", "<|image|>"))
+
+
+# -- what a head is -------------------------------------------------------------------------------
+def test_heads_are_the_cross_attention_layers_query_heads():
+    model, inputs = tiny("mllama", batch=1)
+    ad = get_adapter(model)
+    assert ad.cross_attention and not ad.hybrid
+    assert (ad.num_layers, ad.num_heads, ad.num_kv_heads, ad.head_dim) == (2, 4, 2, 8)
+    assert [ad.model_layer(i) for i in range(ad.num_layers)] == CROSS_LAYERS
+    # L1 is the second cross-attention layer (model layer 3): ablating it leaves layers 0-2 untouched
+    with torch.no_grad():
+        ref = model(**inputs, output_hidden_states=True)
+        with intervene(model, ablate="L1H*", baseline=ZeroBaseline(ad.num_kv_heads, ad.head_dim)):
+            out = model(**inputs, output_hidden_states=True)
+    for i in range(4):  # embeddings and the outputs of layers 0-2
+        assert torch.equal(ref.hidden_states[i], out.hidden_states[i]), i
+    assert (ref.logits - out.logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_noop_is_identical_and_model_restored(batch):
+    model, inputs = tiny("mllama", batch=batch)
+    ad = get_adapter(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nothing = torch.zeros(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with intervene(model, Spec()):
+            empty = model(**inputs).logits
+        with intervene(model, head_scale=torch.ones(ad.num_layers, ad.num_heads)):
+            scaled = model(**inputs).logits
+        if batch == 1:  # (an ablation counts a left-padded row's positions from its first token, as generate does)
+            with intervene(model, ablate=nothing, baseline=random_baseline(ad)):
+                assert torch.equal(ref, model(**inputs).logits)
+    assert torch.equal(ref, empty) and torch.equal(ref, scaled)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert not hasattr(model, "_headsteer_state")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["zero", "tensor"])
+def test_ablating_all_heads_removes_image_influence(kind):
+    # every position, also the rows the cross-attention mask masks out (the text before <|image|>):
+    # Mllama gives those rows a uniform average over the image values, so the image reaches them too
+    model, inputs = tiny("mllama")
+    other = other_pixels(inputs)
+    with torch.no_grad():
+        assert (model(**inputs).logits - model(**other).logits)[:, :5].abs().max() > 1e-4  # masked-out rows read the image
+    assert (last_logits(model, inputs) - last_logits(model, other)).abs().max() > 1e-4
+    ad = get_adapter(model)
+    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim) if kind == "zero" else random_baseline(ad)
+    with torch.no_grad(), intervene(model, ablate="*", baseline=base):
+        torch.testing.assert_close(model(**inputs).logits, model(**other).logits, atol=1e-5, rtol=0)
+
+
+def test_ablation_with_the_images_own_kv_changes_nothing():
+    """A baseline made of the prompt's own cross-attention K/V (captured as the mean baseline is)
+    leaves the answer as it was: ablation replaces exactly the cross-attention keys/values."""
+    model, inputs = tiny("mllama", batch=1)
+    cap = {}
+    with torch.no_grad(), intervene(model, capture=cap):
+        ref = model(**inputs).logits
+    own = TensorBaseline(torch.stack([cap[i][0][0] for i in range(2)]), torch.stack([cap[i][1][0] for i in range(2)]), "own")
+    assert own.keys.shape == (2, 2, MLLAMA_KEYS, 8)
+    with torch.no_grad(), intervene(model, ablate="*", baseline=own):
+        torch.testing.assert_close(model(**inputs).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_ablation_is_per_query_head():
+    model, inputs = tiny("mllama", batch=1)
+    ad = get_adapter(model)
+    assert ad.group_size() == 2  # H0 and H1 share KV head 0
+    base = random_baseline(ad)
+    got = {}
+    hook = ad.out_proj(0).register_forward_pre_hook(lambda m, a: got.__setitem__("x", a[0].view(*a[0].shape[:2], 4, 8).clone()))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            ref = got["x"]
+            with intervene(model, ablate="L0H0", baseline=base):
+                one = last_logits(model, inputs)
+                head0 = got["x"]
+            with intervene(model, ablate="L0H0-1", baseline=base):
+                group = last_logits(model, inputs)
+    finally:
+        hook.remove()
+    # H1 still reads the real image through the shared KV head (headsteer's fp32 arithmetic vs SDPA: rounding only)
+    torch.testing.assert_close(head0[:, :, 1:], ref[:, :, 1:], atol=1e-6, rtol=0)
+    assert (head0[:, :, 0] - ref[:, :, 0]).abs().max() > 1e-4
+    assert (one - group).abs().max() > 1e-4
+
+
+def test_left_padded_row_equals_the_prompt_alone():
+    model, inputs = tiny("mllama", batch=2)
+    assert not inputs["attention_mask"].all()
+    ad = get_adapter(model)
+    masks = torch.rand(2, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
+    masks[:, 0, 0] = True
+    base = random_baseline(ad)
+    with intervene(model, ablate=masks, baseline=base):
+        batched = last_logits(model, inputs)
+    for b in range(2):
+        with intervene(model, ablate=masks[b : b + 1], baseline=base):
+            alone = last_logits(model, alone_row("mllama", inputs, b))
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("what", ["ablate", "steer"])
+def test_interventions_hold_during_cached_generation(what):
+    """A cached decoding step (cross-attention K/V from the cache) equals a full uncached forward."""
+    model, inputs = tiny("mllama", batch=2)
+    ad = get_adapter(model)
+    if what == "ablate":
+        spec = dict(ablate="L0H1,L1H0-2", baseline=random_baseline(ad))
+    else:
+        spec = dict(head_scale=torch.full((2, 4), 1.5), head_add=torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad(), intervene(model, **spec):
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             suppress_tokens=list(range(80, VOCAB)), pad_token_id=0)
+        seq = gen.sequences[:, :-1]
+        new = seq.shape[1] - inputs["input_ids"].shape[1]
+        full = dict(inputs, input_ids=seq, cross_attention_mask=mllama_cross_mask(seq),
+                    attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, new, dtype=torch.long)], 1))
+        uncached = model(**full, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(gen.logits[-1], uncached, atol=1e-4, rtol=1e-4)
+    plain = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                           pad_token_id=0)
+    assert (plain.logits[0] - gen.logits[0]).abs().max() > 1e-4  # the intervention did something
+
+
+# -- an independent reference: eager attention written here, not headsteer's ----------------------
+_REF = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    G = query.shape[1] // key.shape[1]
+
+    def attend(k, v):
+        k, v = k.float().repeat_interleave(G, 1), v.float().repeat_interleave(G, 1)
+        s = query.float() @ k.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            m = attention_mask[:, :, :, : k.shape[2]]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        return torch.softmax(s, -1) @ v
+
+    out = attend(key, value)
+    if isinstance(module, tf.models.mllama.modeling_mllama.MllamaTextCrossAttention):
+        layer = CROSS_LAYERS.index(module.layer_idx)
+        heads = _REF["mask"][layer]  # [H]: these query heads read the baseline at every key, every query
+        bk, bv = _REF["base"].image_kv(layer, key.shape[2], key.dtype, key.device)
+        out[:, heads] = attend(bk.expand_as(key), bv.expand_as(value))[:, heads]
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("test_cross_reference", _reference_attention)
+AttentionMaskInterface.register("test_cross_reference", eager_mask)
+
+
+def reference_logits(model, inputs, masks, base):
+    cfg = model.config.get_text_config()
+    saved = cfg._attn_implementation
+    _REF["base"] = base
+    try:
+        cfg._attn_implementation_internal = "test_cross_reference"
+        out = []
+        with torch.no_grad():
+            for m in masks:
+                _REF["mask"] = m
+                out.append(model(**inputs).logits[0, -1].float())
+        return torch.stack(out)
+    finally:
+        cfg._attn_implementation_internal = saved
+
+
+def test_matches_an_independent_eager_reference():
+    model, inputs = tiny("mllama", batch=1)
+    ad = get_adapter(model)
+    masks = torch.rand(6, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
+    masks[0], masks[1] = False, True
+    base = random_baseline(ad)
+    ref = reference_logits(model, inputs, masks, base)
+    torch.testing.assert_close(naive_logits(model, None, inputs, masks, base), ref, atol=1e-5, rtol=0)
+    assert (ref[1] - ref[0]).abs().max() > 1e-3  # the masks matter
+
+
+def test_ablated_logits_takes_the_naive_path_with_a_real_processor():
+    model, _ = tiny("mllama", batch=1)
+    proc = processor()
+    ad = get_adapter(model, proc)
+    masks = torch.zeros(3, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    masks[1, 0, 2], masks[2] = True, True
+    q = "what colour is the shape ?"
+    out = {s: ablated_logits(model, proc, image(s), q, masks, baseline="zero") for s in (0, 1)}
+    assert out[0].shape == (3, VOCAB) and out[0].dtype == torch.float32 and out[0].device.type == "cpu"
+    torch.testing.assert_close(out[0][0], last_logits(model, ad.encode([image(0)], [q]))[0], atol=1e-5, rtol=0)
+    assert (out[0][1] - out[0][0]).abs().max() > 1e-4
+    torch.testing.assert_close(out[0][2], out[1][2], atol=1e-5, rtol=0)  # every head ablated: the image is gone
+    assert (out[0][0] - out[1][0]).abs().max() > 1e-4
+    ref = reference_logits(model, ad.encode([image(0)], [q]), masks, ZeroBaseline(ad.num_kv_heads, ad.head_dim))
+    torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=0)
+
+
+def test_mean_and_blank_baselines_capture_the_cross_attention_kv(tmp_path):
+    model, _ = tiny("mllama", batch=1)
+    proc = processor()
+    ad = get_adapter(model, proc)
+    refs = [image(s) for s in (0, 1, 2)]
+    mean = make_baseline(model, proc, "mean", reference=refs, cache_dir=tmp_path)
+    assert mean.keys.shape == (2, 2, MLLAMA_KEYS, 8)
+    caps = []
+    for im in refs:
+        cap = {}
+        with torch.no_grad(), intervene(model, capture=cap):
+            model(**ad.encode([im], ["what is in the image?"]))
+        caps.append(torch.stack([cap[i][0][0] for i in range(2)]))
+    torch.testing.assert_close(mean.keys, torch.stack(caps).mean(0), atol=1e-6, rtol=0)
+    assert make_baseline(model, proc, "blank").keys.shape == mean.keys.shape
+
+
+# -- scaling, steering, export, recording, refusals -----------------------------------------------
+def test_edit_scale_and_export_reproduce_the_edited_logits(tmp_path):
+    model, _ = tiny("mllama", batch=1)
+    proc = processor()
+    ad = get_adapter(model, proc)
+    inputs = ad.encode([image(0)], ["what colour is the shape ?"])
+    ref = last_logits(model, inputs)
+    edit = EditManifest("scale", "L0H1,L1H2-3", {"factor": 0.0})
+    with apply_edit(model, edit):
+        edited = last_logits(model, inputs)
+    assert (edited - ref).abs().max() > 1e-4
+    w = ad.out_proj(1).weight  # scale 0 == those heads' o_proj columns zeroed
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w[:, 16:32] = 0
+        ad.out_proj(0).weight[:, 8:16] = 0
+        zeroed = last_logits(model, inputs)
+        w.copy_(saved)
+    torch.testing.assert_close(edited, zeroed, atol=1e-6, rtol=0)
+    model, _ = tiny("mllama", batch=1)  # the weights untouched by the column test
+    export(model, proc, edit, tmp_path / "ck")
+    plain = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "ck").eval()
+    torch.testing.assert_close(last_logits(plain, inputs), edited, atol=1e-5, rtol=0)
+
+
+def test_recorder_records_what_each_cross_head_writes():
+    """Attention mass is 1 by construction in a cross-attention layer; the recorder takes the norm of
+    tanh(gate) * W_O[:, head] @ head output instead: 0 for a head whose o_proj columns are zero, and
+    proportional to tanh(gate)."""
+    model, inputs = tiny("mllama", batch=1)
+    ad = get_adapter(model)
+
+    def record():
+        rec = Recorder(ad.num_layers, ad.num_heads)
+        with torch.no_grad(), intervene(model, recorder=rec):
+            model(**inputs)
+        return rec
+
+    ref = record().mean("last")
+    assert (ref > 0).all()
+    with torch.no_grad():  # in the last cross-attention layer (model layer 3): nothing downstream is recorded
+        ad.out_proj(1).weight[:, 16:24] = 0  # L1H2 writes nothing
+        model.model.language_model.layers[3].cross_attn_attn_gate.fill_(-0.5)  # was 1.0
+    rec = record()
+    got = rec.mean("last")
+    assert torch.equal(got[0], ref[0]) and got[1, 2] == 0
+    others = [0, 1, 3]
+    torch.testing.assert_close(got[1, others], ref[1, others] * (torch.tanh(torch.tensor(0.5)) / torch.tanh(torch.tensor(1.0))).double(),
+                               rtol=1e-5, atol=0)
+    assert rec.per_example().shape == (1, 2)
+
+
+def test_knockout_and_image_attention_scaling_are_refused_in_one_line():
+    model, inputs = tiny("mllama", batch=1)
+    for kw in (dict(knockouts=[Knockout("image", "last")]), dict(image_attn=torch.ones(2, 4))):
+        with pytest.raises(HeadsteerError, match="cross-attention layers") as e:
+            with intervene(model, **kw):
+                pass
+        assert "\n" not in str(e.value)
+    no_mask = {k: v for k, v in inputs.items() if k != "cross_attention_mask"}
+    with pytest.raises(HeadsteerError, match="cross_attention_mask"):
+        with intervene(model, ablate="L0H0", baseline=ZeroBaseline(2, 8)):
+            model(**no_mask)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_cli_attribute_on_a_saved_tiny_mllama(tmp_path):
+    model, _ = tiny("mllama", batch=1)
+    model.save_pretrained(tmp_path / "ck")
+    processor().save_pretrained(tmp_path / "ck")
+    rows = []
+    for i in range(4):
+        image(i, (16, 16)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "what colour is the shape ?", "answer": ["one", "here"][i % 2]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "att"
+    r = CliRunner().invoke(main, ["attribute", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "data.jsonl"),
+                                  "--n-images", "2", "--n-eval", "2", "--masks", "24", "--n-random", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "heads.json").read_text())
+    assert len(data["heads"]) == 8 and {h["head"] for h in data["heads"]} == {f"L{l}H{h}" for l in range(2) for h in range(4)}
+    assert data["baseline"]["kind"] == "mean" and data["baseline"]["reference"].startswith("user(4)")
+    assert set(data["curves"]["rankings"]) >= {"single-head", "attention"}
