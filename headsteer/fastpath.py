@@ -59,7 +59,7 @@ class Prefix:
 
     def __init__(self, cache: PrefixCache, image_positions: torch.Tensor):
         self.cache = cache
-        self.length = cache.layers[0].keys.shape[-2]
+        self.length = cache.get_seq_length()  # asks the first attention layer: layer 0 may be recurrent (hybrid stacks)
         img = image_positions.bool().cpu()
         self.n_img = int(img.sum())
         self.n_rest = self.length - self.n_img
@@ -85,16 +85,18 @@ class Prefix:
             self._kv[layer] = (k.float(), v.float())
         return self._kv[layer]
 
-    def ablated_rows(self, ablate: torch.Tensor, Hkv: int, s: int, device):
-        """For one batch of masks (bool [M, L, Hq] on the host): per layer and KV head, the score rows
+    def ablated_rows(self, ablate: torch.Tensor, M: int, Hkv: int, s: int, device):
+        """For one batch of M masks (bool [M|1, L, Hq] on the host): per layer and KV head, the score rows
         (mask, query head in group, suffix position) whose head is ablated, first, padded with rows
         that are not — ``rows`` int64 [L, Hkv, N] and ``valid`` bool [L, Hkv, N] on ``device``.
 
         Worked out once per batch on the host (no device sync inside the layers) and sent in one copy."""
         held, got = self._rows
-        if held is ablate and got[0] == (Hkv, s, str(device)):
+        if held is ablate and got[0] == (M, Hkv, s, str(device)):
             return got[1]
-        M, L, Hq = ablate.shape
+        key = ablate
+        ablate = ablate.expand(M, -1, -1)
+        _, L, Hq = ablate.shape
         G = Hq // Hkv
         mg = ablate.view(M, L, Hkv, G).permute(1, 2, 0, 3).reshape(L, Hkv, M * G)
         counts = mg.sum(-1, keepdim=True)
@@ -109,7 +111,7 @@ class Prefix:
             rows, valid = rows.pin_memory().to(device, non_blocking=True), valid.pin_memory().to(device, non_blocking=True)
         else:
             rows, valid = rows.to(device), valid.to(device)
-        self._rows = (ablate, ((Hkv, s, str(device)), (rows, valid)))
+        self._rows = (key, ((M, Hkv, s, str(device)), (rows, valid)))
         return rows, valid
 
 
@@ -175,8 +177,7 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
 
     abl = session.ablation()
     if pre.n_img and abl is not None and layer in abl.ablate_layers:
-        ablate = abl.ablate if abl.ablate.shape[0] == M else abl.ablate.expand(M, -1, -1)
-        rows, valid = pre.ablated_rows(ablate, Hkv, s, query.device)
+        rows, valid = pre.ablated_rows(abl.ablate, M, Hkv, s, query.device)
         rows, valid = rows[layer], valid[layer]  # [Hkv, N]
         at = rows[..., None]
         kb, vb = abl.baseline.image_kv(layer, pre.n_img, torch.float32, query.device)  # [Hkv, n, d]
