@@ -10,16 +10,13 @@ from headsteer.adapters import get_adapter
 from headsteer.baseline import as_baseline
 from headsteer.errors import HeadsteerError
 from headsteer.fastpath import Prefix, PrefixCache, tf32_for
+from headsteer.hybrid_prefix import HybridPrefixCache, filling_cache
 from headsteer.intervene import Spec, intervene
 
 # Families that always take the naive path, and why. Prefix-LM families: image positions attend to
-# the prompt text after them, so the prefix is not invariant under ablation. Hybrid stacks: the
-# shared prefix would have to carry each recurrent/convolution layer's state at the end of the prefix
-# (one state broadcast to every mask) as it carries K/V; that is not built yet.
-_HYBRID = "only some layers are attention; the shared prefix does not carry the recurrent/convolution layers' state yet"
+# the prompt text after them, so the prefix is not invariant under ablation.
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
                 "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
-                "qwen3_5": _HYBRID, "qwen3_5_moe": _HYBRID, "lfm2_vl": _HYBRID, "lfm3_vl": _HYBRID,
                 # cross-attention families: the image reaches the text only through cross-attention layers
                 "mllama": "image information reaches the text through cross-attention layers (naive path only)",
                 "idefics": "image information reaches the text through cross-attention layers (naive path only)"}
@@ -38,8 +35,6 @@ def fast_path_refusal(ad, input_ids=None) -> str | None:
     path (None: it has one)."""
     if ad.model_type in NO_FAST_PATH:
         return NO_FAST_PATH[ad.model_type]
-    if ad.hybrid:
-        return _HYBRID
     if input_ids is not None:
         groups = ad.token_groups(input_ids)
         img = groups["image"][0]
@@ -111,7 +106,7 @@ class SuffixRunner:
         # A plain DynamicCache keeps every prefix position, also for sliding-window layers; the
         # prefix runs under the same attention arithmetic as every ablated forward.
         with torch.no_grad(), tf32_for(self.dtype, self.device), intervene(model, fp32_attention=True):
-            if self.ad.own_positions:
+            if self.ad.own_positions and not self.ad.hybrid:
                 # Positions come from the whole prompt's layout (3D RoPE: the image grid, the markers
                 # after it): run the whole prompt once, keep the positions the model gave its language
                 # model and the prefix part of the cache (the prefix is causal, so it is the same).
@@ -121,9 +116,14 @@ class SuffixRunner:
                 cache = PrefixCache(filled, self.P)
             else:
                 pre = {k: (v[:, : self.P] if k in _SEQ_KEYS and torch.is_tensor(v) else v) for k, v in self.inputs.items()}
-                filled = DynamicCache()
+                if self.ad.own_positions:
+                    # A recurrent state cannot be cut back to the prefix as K/V can: the positions come
+                    # from the whole prompt, the cache from a forward of the prefix alone.
+                    pos = _with_positions(model, self.ad, dict(self.inputs, use_cache=False, logits_to_keep=1))
+                    self.positions, pre["position_ids"] = pos[..., self.P :], pos[..., : self.P]
+                filled = filling_cache(model) if self.ad.hybrid else DynamicCache()
                 model(**pre, cache=filled, use_cache=True, logits_to_keep=1)
-                cache = PrefixCache(filled)
+                cache = HybridPrefixCache(filled) if self.ad.hybrid else PrefixCache(filled)
         self.prefix = Prefix(cache, img[: self.P])
         self.suffix = ids[:, self.P :]
         self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
@@ -143,7 +143,10 @@ class SuffixRunner:
                     kw = {}
                     if self.positions is not None:
                         kw["position_ids"] = self.positions.expand(*self.positions.shape[:-2], len(m), -1)
-                    logits = self.model(input_ids=ids, cache=self.prefix.cache, use_cache=True, logits_to_keep=1, **kw).logits
+                    cache = self.prefix.cache
+                    if isinstance(cache, HybridPrefixCache):
+                        cache = cache.at_batch(len(m))  # recurrent states viewed at this batch's size
+                    logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kw).logits
                 last = logits[:, -1].float()
                 outs.append(last if reduce is None else reduce(last))
         return torch.cat(outs).cpu()
