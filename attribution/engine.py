@@ -63,11 +63,12 @@ def _model_device_dtype(model):
     return p.device, p.dtype
 
 
-def auto_chunk(model, prefix_len: int, suffix_len: int, ad) -> int:
+def auto_chunk(model, prefix_len: int, suffix_len: int, ad, state_bytes: int = 0) -> int:
     """Masks per batch: 256 on the CPU; on a GPU as many as about half the free memory holds
-    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations), at
-    most 1,024: a 7B model's forward is already compute-bound at 256, and larger batches only raise
-    the peak memory."""
+    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations, plus
+    ``state_bytes``: one mask's recurrent state in the largest recurrent layer of a hybrid stack, which
+    each mask updates for itself), at most 1,024: a 7B model's forward is already compute-bound at
+    256, and larger batches only raise the peak memory."""
     device, dtype = _model_device_dtype(model)
     if device.type != "cuda":
         return 256
@@ -77,7 +78,8 @@ def auto_chunk(model, prefix_len: int, suffix_len: int, ad) -> int:
     inter = getattr(tc, "intermediate_size", 4 * width) or 4 * width
     per_mask = (2 * 4 * ad.num_heads * suffix_len * (prefix_len + suffix_len)  # scores, fp32
                 + suffix_len * (8 * width + 3 * inter) * dtype.itemsize  # activations
-                + 4 * getattr(tc, "vocab_size", 32000))  # last-position logits, fp32
+                + 4 * getattr(tc, "vocab_size", 32000)  # last-position logits, fp32
+                + 3 * state_bytes)  # the updated state and the kernels' temporaries
     return int(max(8, min(1024, (free // 2) // per_mask // 8 * 8)))
 
 
@@ -126,7 +128,7 @@ class SuffixRunner:
                 cache = HybridPrefixCache(filled) if self.ad.hybrid else PrefixCache(filled)
         self.prefix = Prefix(cache, img[: self.P])
         self.suffix = ids[:, self.P :]
-        self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad)
+        self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad, _state_bytes(cache))
 
     @torch.no_grad()
     def __call__(self, masks, reduce=None) -> torch.Tensor:
@@ -150,6 +152,13 @@ class SuffixRunner:
                 last = logits[:, -1].float()
                 outs.append(last if reduce is None else reduce(last))
         return torch.cat(outs).cpu()
+
+
+def _state_bytes(cache) -> int:
+    """One mask's recurrent state in the largest recurrent layer of a prefix cache (0 without any)."""
+    sizes = [sum(t.numel() * t.element_size() for d in (lay.conv_states, lay.recurrent_states) for t in d.values()
+                 if t is not None) for lay in cache.layers if hasattr(lay, "recurrent_states")]
+    return max(sizes, default=0)
 
 
 def _with_positions(model, ad, inputs):

@@ -99,3 +99,14 @@ def test_ablated_rows_stay_exact_when_one_block_dominates_the_softmax(scale):
     naive = naive_logits(model, None, inputs, masks, base)
     assert torch.isfinite(fast).all()
     torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
+
+
+def test_chunk_size_counts_the_recurrent_state_of_hybrid_stacks():
+    from headsteer.attribution.engine import _state_bytes
+
+    model, inputs = tiny("qwen3_5", batch=1)
+    runner = SuffixRunner(model, None, None, None, ZeroBaseline(get_adapter(model).num_kv_heads, get_adapter(model).head_dim), inputs=inputs)
+    assert _state_bytes(runner.prefix.cache) > 0  # measured on the prefix cache: the gated delta-net's state
+    model, inputs = tiny("llava", batch=1)
+    runner = SuffixRunner(model, None, None, None, ZeroBaseline(get_adapter(model).num_kv_heads, get_adapter(model).head_dim), inputs=inputs)
+    assert _state_bytes(runner.prefix.cache) == 0
