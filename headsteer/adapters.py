@@ -61,18 +61,31 @@ FAMILIES = {
     "lfm3_vl": "LFM3-VL (hybrid)",
 }
 
+@dataclass(frozen=True)
+class CrossFamily:
+    """Where a cross-attention family keeps its cross-attention layers."""
+
+    notes: str
+    blocks: str  # attribute of the language model: the list holding the cross-attention blocks
+    module: str  # attribute of a block: its attention module
+    gate: str  # attribute of a block: the gate (the block adds tanh(gate) x the attention output)
+    image_token: str  # the prompt's image placeholder, where the config names no image token id
+
+
 # Families whose text reads the image only through cross-attention layers (keys/values from the
-# vision features): model_type -> (notes, attribute of a cross-attention decoder layer holding its
-# attention module, attribute holding the gate: the layer adds tanh(gate) x the attention output).
+# vision features). Mllama interleaves them with the decoder layers; IDEFICS keeps them in a list of
+# their own, block i running before decoder layer i x cross_layer_interval.
 CROSS_FAMILIES = {
-    "mllama": ("Llama 3.2 Vision (cross-attention layers)", "cross_attn", "cross_attn_attn_gate"),
+    "mllama": CrossFamily("Llama 3.2 Vision (cross-attention layers)", "layers", "cross_attn", "cross_attn_attn_gate", "<|image|>"),
+    "idefics": CrossFamily("IDEFICS (v1; gated cross-attention blocks)", "gated_cross_attn_layers", "cross_attn",
+                           "alpha_cross_attn", "<image>"),
 }
 
 # Image-text-to-text families refused, and why (checked before any weight loads).
 _VQ = "image VQ codes are part of the vocabulary; there are no image positions to ablate"
 _ENC_DEC = "encoder-decoder: the text decoder reads the image through cross-attention to an encoder, not through image positions"
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
-          "cross-attention head ablation is built for mllama only so far")
+          "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
     "chameleon": _VQ,
     "emu3": _VQ,
@@ -81,7 +94,6 @@ REFUSED = {
     "udop": _ENC_DEC,
     "t5gemma2": _ENC_DEC,
     "vision-encoder-decoder": _ENC_DEC,
-    "idefics": _CROSS,
     "blip": _CROSS,
     "llama4": ("Llama4ForConditionalGeneration.forward fails in transformers 5.24 (AttributeError: no image_outputs), "
                "so no forward can run"),
@@ -203,7 +215,8 @@ class Adapter:
 
     # -- positions ---------------------------------------------------------------------------
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """bool [B, T]: positions holding image (or video-frame) features."""
+        """bool [B, T]: positions holding image (or video-frame) features — in a cross-attention
+        family, the image placeholder token (a text position: the features are cross-attention keys)."""
         img = input_ids == self.image_token_id
         return img if self.video_token_id is None else img | (input_ids == self.video_token_id)
 
@@ -287,6 +300,8 @@ class Adapter:
         proc = self.processor
         if proc is None:
             raise HeadsteerError("this model was loaded without a processor; pass processor= to build prompts")
+        if self.model_type == "idefics":
+            return question  # its processor puts the image first (<fake><image><fake>) and takes no chat template
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -360,22 +375,30 @@ def _kv_heads(mod: nn.Module, num_heads: int, head_dim: int) -> int | None:
     return None
 
 
+def _token_id(processor, token: str) -> int:
+    tok = getattr(processor, "tokenizer", None)
+    tid = tok.convert_tokens_to_ids(token) if tok is not None else None
+    return -1 if tid is None or tid == getattr(tok, "unk_token_id", None) else int(tid)
+
+
 def get_adapter(model: nn.Module, processor=None) -> Adapter:
     """The adapter of a loaded model (cached on the model object)."""
     cached = getattr(model, "_headsteer_adapter", None)
     if cached is not None:
         if processor is not None and cached.processor is None:
             cached.processor = processor
+            if cached.image_token_id < 0:
+                cached.image_token_id = _token_id(processor, CROSS_FAMILIES[cached.model_type].image_token)
         return cached
     cfg = model.config
     mtype = getattr(cfg, "model_type", type(model).__name__)
     check_family(mtype, f" ({type(model).__name__})")
     lm = _language_model(model)
     gates = None
-    if mtype in CROSS_FAMILIES:
-        _, attr, gate = CROSS_FAMILIES[mtype]
-        layers = [layer for layer in lm.layers if isinstance(getattr(layer, attr, None), nn.Module)]
-        mods, gates = [getattr(layer, attr) for layer in layers], [getattr(layer, gate) for layer in layers]
+    cross = CROSS_FAMILIES.get(mtype)
+    if cross is not None:
+        blocks = [b for b in getattr(lm, cross.blocks, []) if isinstance(getattr(b, cross.module, None), nn.Module)]
+        mods, gates = [getattr(b, cross.module) for b in blocks], [getattr(b, cross.gate) for b in blocks]
     else:
         cls = _attention_class(lm)
         mods = [m for m in lm.modules() if (isinstance(m, cls) if cls is not None else hasattr(m, "o_proj")) and hasattr(m, "layer_idx")]
@@ -384,6 +407,9 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
         raise HeadsteerError(f"no attention modules found in {type(lm).__name__}")
     tcfg = cfg.get_text_config()
     image_token_id = next((getattr(cfg, a) for a in ("image_token_id", "image_token_index") if getattr(cfg, a, None) is not None), None)
+    if image_token_id is None and cross is not None:
+        # the image placeholder is only a text token here (no image positions): -1 until a processor names it
+        image_token_id = _token_id(processor, cross.image_token)
     if image_token_id is None:
         raise HeadsteerError(f"{mtype}: config names no image token id (image_token_id / image_token_index)")
     video_token_id = next((getattr(cfg, a) for a in ("video_token_id", "video_token_index") if getattr(cfg, a, None) is not None), None)

@@ -523,7 +523,30 @@ def _mllama(batch):
                        aspect_ratio_mask=torch.tensor([[[1, 0]]] * batch), cross_attention_mask=mllama_cross_mask(ids))
 
 
-CROSS_BUILDERS = {"mllama": _mllama}
+def idefics_image_mask(ids):
+    """IDEFICS's image_attention_mask as its processor makes it: tokens from ``<image>`` on read the image."""
+    return torch.stack([(torch.arange(ids.shape[1]) >= int((row == IMG).nonzero()[0])).long() for row in ids])[:, :, None]
+
+
+IDEFICS_KEYS = 2 * 2 + 1  # cross-attention keys per image: 2x2 patches + class
+
+
+def _idefics(batch):
+    """IDEFICS (v1): 4 decoder layers, a gated cross-attention block before layers 0 and 2, per-channel
+    gates, q/k layer norms, no perceiver; one 16x16 image per prompt."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    text = {k: v for k, v in TEXT.items() if k not in ("num_key_value_heads", "head_dim", "max_position_embeddings")}
+    cfg = IdeficsConfig(**dict(text, num_hidden_layers=4), cross_layer_interval=2, alpha_initializer="ones", alpha_type="vector",
+                        qk_layer_norms=True, use_resampler=False, freeze_text_layers=False, freeze_vision_layers=False,
+                        vision_config=dict(embed_dim=16, image_size=16, patch_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32))
+    ids, am = _ids(1, batch)
+    return IdeficsForVisionText2Text(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 1, 3, 16, 16),
+                                                image_attention_mask=idefics_image_mask(ids))
+
+
+CROSS_BUILDERS = {"mllama": _mllama, "idefics": _idefics}
 
 
 def tiny(family: str, batch: int = 2, seed: int = 0):
@@ -552,7 +575,7 @@ def alone_row(family, inputs, b):
     keep = inputs["attention_mask"][b].bool()
     out = {}
     for k, v in inputs.items():
-        if k in SEQ_KEYS or k == "cross_attention_mask":
+        if k in SEQ_KEYS or k in ("cross_attention_mask", "image_attention_mask"):
             out[k] = v[b : b + 1][:, keep]
         elif k == "pixel_values" and "image_grid_thw" in inputs:  # flattened patches of every image
             sizes = inputs["image_grid_thw"].prod(-1).tolist()
