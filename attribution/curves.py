@@ -241,7 +241,7 @@ def _separate(a, b) -> bool:
 
 
 def _versus(best, other, K) -> str:
-    (bn, bd), (on, od) = best, other
+    (_, bd), (on, od) = best, other
     if od["k"] is None:
         gap = f"while {_fmt_needed(on, od, K)} does not reach it by k = {K}"
     else:

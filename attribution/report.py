@@ -16,6 +16,7 @@ from headsteer.files import save_figure, save_safetensors, write_json, write_tex
 from .regression import fit_correlation
 from .run import ranked_heads
 
+
 def save_scores(out: Path, rows, agg):
     t = {"per_image": torch.tensor(np.array([r["scores"] for r in rows]), dtype=torch.float32)}
     for k in ("mean", "stderr", "topk_freq", "single", "attention"):

@@ -1,12 +1,12 @@
 """The fast attribution engine equals the naive path (a full forward per mask) on every family."""
 import pytest
 import torch
-
-from headsteer import HeadsteerError, get_adapter
-from headsteer.attribution.engine import NO_FAST_PATH, SuffixRunner, ablated_logits, fast_path_refusal, naive_logits
-from headsteer.baseline import ZeroBaseline
 from test_intervene import mean_like_baseline
 from tiny_models import BUILDERS, HYBRID, SEQ_KEYS, tiny
+
+from headsteer import HeadsteerError, get_adapter
+from headsteer.attribution.engine import NO_FAST_PATH, SuffixRunner, fast_path_refusal, naive_logits
+from headsteer.baseline import ZeroBaseline
 
 
 @pytest.mark.parametrize("family", sorted(set(BUILDERS) - set(NO_FAST_PATH) - HYBRID))  # hybrid: below

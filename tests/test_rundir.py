@@ -91,7 +91,7 @@ def test_cli_compare_keeps_edits_with_the_same_stem_apart_and_the_reference_firs
     r = CliRunner().invoke(main, ["compare", "--edits", *paths, "--limit", "8", "--metrics", "accuracy", "--out", str(out)])
     assert r.exit_code == 0, r.output
     lines = (out / "compare.csv").read_text().splitlines()
-    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), l.split(","))) for l in lines[1:]]
+    rows = [dict(zip(lines[0].split(","), l.split(","))) for l in lines[1:]]
     assert len(rows) == 4 and rows[0]["edit"] == "unedited" and len({r["edit"] for r in rows}) == 4
     assert float(rows[0]["accuracy"]) == 1.0  # the reference is the unedited model, not unedited.json
     by_name = {r["edit"]: float(r["accuracy"]) for r in rows}

@@ -10,15 +10,13 @@ from PIL import Image
 from scipy import stats
 
 import headsteer
-from headsteer import HeadsteerError
 from headsteer.attribution import regression
 from headsteer.attribution.regression import fit, sample_masks
 from headsteer.attribution.similarity import group_similarity
 from headsteer.baseline import make_baseline
 from headsteer.data import load_easy_vqa, load_local_vqa
 from headsteer.edit import EditManifest, apply_edit
-from headsteer.eval import bootstrap_ci, evaluate, normalize_answer, soft_accuracy, summary
-from headsteer.eval import accuracy
+from headsteer.eval import accuracy, bootstrap_ci, evaluate, normalize_answer, soft_accuracy, summary
 from headsteer.eval.compare import table_rows
 from headsteer.intervene import intervene
 
