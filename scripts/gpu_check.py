@@ -113,7 +113,7 @@ def shaped(shape, work, device, dtype, small):
     return out
 
 
-def precision_at_shape(model_dir, device, dtypes=("bf16",)):
+def precision_at_shape(model_dir, device, dtypes=("bf16", "fp16")):
     """The precision contract (tests/test_precision.py) on a shaped checkpoint: the fast and naive
     paths' error against an fp32 run of the same weights, next to the eager fp32-attention reference's."""
     name = f"precision contract at {Path(model_dir).name}"
