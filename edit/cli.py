@@ -116,6 +116,12 @@ def attn(model, device, dtype, device_map, heads, from_attribution, top_k, seed,
     """Scale the heads' attention to image tokens (at inference, also during generation)."""
     _check_out(out, force)
     m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
+    from headsteer import get_adapter
+
+    ad = get_adapter(m, proc)
+    if ad.cross_attention:  # refused now, not later when the edit is applied
+        raise HeadsteerError(f"{ad.model_type} reads the image through cross-attention, where every key is "
+                             "an image token: attention to the image cannot be scaled; use `edit scale` on these heads")
     _write(m, proc, "attn", hs, attrib, {"alpha": alpha}, out)
 
 

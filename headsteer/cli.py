@@ -254,7 +254,8 @@ def info(model, device, dtype, device_map):
     ad = get_adapter(m, proc)
     click.echo(f"model       {model}")
     click.echo(f"family      {ad.model_type} ({type(m).__name__})")
-    click.echo(f"layers      {ad.num_layers}")
+    kind = " (cross-attention layers)" if ad.cross_attention else " (attention layers)" if ad.hybrid else ""
+    click.echo(f"layers      {ad.num_layers}{kind}")
     click.echo(f"heads       {ad.num_heads} query / {ad.num_kv_heads} KV per layer, head_dim {ad.head_dim}")
     click.echo(f"parameters  {sum(p.numel() for p in m.parameters()):,}")
     click.echo(f"image token id {ad.image_token_id}; prompt: {ad.prompt('{question}')!r}")

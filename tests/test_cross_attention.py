@@ -394,3 +394,10 @@ def test_cli_attribute_on_a_saved_tiny_model(family, tmp_path):
     assert len(data["heads"]) == 8 and {h["head"] for h in data["heads"]} == {f"L{l}H{h}" for l in range(2) for h in range(4)}
     assert data["baseline"]["kind"] == "mean" and data["baseline"]["reference"].startswith("user(4)")
     assert set(data["curves"]["rankings"]) >= {"single-head", "attention"}
+    r = CliRunner().invoke(main, ["info", "--model", str(tmp_path / "ck")])
+    assert r.exit_code == 0 and "2 (cross-attention layers)" in r.output, r.output
+    # attention scaling is refused when the edit is made, in one line, with nothing written
+    r = CliRunner().invoke(main, ["edit", "attn", "--model", str(tmp_path / "ck"), "--heads", "L0H0", "--alpha", "1",
+                                  "--out", str(tmp_path / "attn.json")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "edit scale" in r.output, r.output
+    assert not (tmp_path / "attn.json").exists()
