@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .compat import apply_compat
 from .errors import HeadsteerError
 
 # model_type -> notes; every one is tested on a tiny random model (tests/tiny_models.py).
@@ -59,6 +60,7 @@ FAMILIES = {
     "qwen3_5_moe": "Qwen3.5 MoE (hybrid)",
     "lfm2_vl": "LFM2-VL (hybrid: short convolutions + attention layers)",
     "lfm3_vl": "LFM3-VL (hybrid)",
+    "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 
 @dataclass(frozen=True)
@@ -95,8 +97,6 @@ REFUSED = {
     "t5gemma2": _ENC_DEC,
     "vision-encoder-decoder": _ENC_DEC,
     "blip": _CROSS,
-    "llama4": ("Llama4ForConditionalGeneration.forward fails in transformers 5.24 (AttributeError: no image_outputs), "
-               "so no forward can run"),
     "instructblip": "not tested yet (BLIP-2 is supported; a tiny InstructBLIP's image did not reach the answer)",
     "instructblipvideo": "not tested yet (BLIP-2 is supported)",
 }
@@ -125,7 +125,8 @@ def check_family(model_type: str, where: str = ""):
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    for path in ("model.language_model", "language_model", "model.text_model", "model", "language_model.model.decoder"):
+    for path in ("model.language_model", "language_model", "model.text_model", "model", "language_model.model.decoder",
+                 "language_model.model"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -393,6 +394,7 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     cfg = model.config
     mtype = getattr(cfg, "model_type", type(model).__name__)
     check_family(mtype, f" ({type(model).__name__})")
+    apply_compat(model, mtype)
     lm = _language_model(model)
     gates = None
     cross = CROSS_FAMILIES.get(mtype)

@@ -7,7 +7,9 @@ import torch
 from headsteer import get_adapter, intervene
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
+from headsteer.compat import apply_compat
 from test_intervene import last_logits, mean_like_baseline
+from test_intervene import test_interventions_hold_during_cached_generation as cached_generation_holds
 from tiny_models import HYBRID, IMG, _ids, tiny
 
 VIDEO = 89  # video token id of the tiny video families
@@ -71,6 +73,59 @@ def test_hybrid_ablation_acts_on_attention_layers_only(family):
     assert (zero[0, -1] - ref[0, -1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("what", ["ablate", "image_attn", "steer"])
+def test_llama4_interventions_hold_during_cached_generation(what):
+    """Generation keeps only the current chunk's keys in a chunked layer's cache (the oldest are
+    dropped): token groups and baseline ordinals stay aligned by absolute position."""
+    cached_generation_holds("llama4", what)
+
+
+def test_llama4_chunked_layer_ablation_reads_only_the_chunk():
+    """Layer 0 attends within chunks of 8 tokens: the text after the image (positions 9-14) shares a
+    chunk with the last image token (8) only. Replacing the baseline at the other image ordinals
+    changes nothing there, in the naive and the fast path (whose prefix mask hides those columns)."""
+    model, inputs = tiny("llama4", batch=1)
+    ad = get_adapter(model)
+    img = ad.image_mask(inputs["input_ids"])[0]
+    assert img.nonzero().flatten().tolist() == [5, 6, 7, 8] and ad.text_config.attention_chunk_size == 8
+    cap = {}
+    with torch.no_grad(), intervene(model, capture=cap):
+        ref = last_logits(model, inputs)
+    own = [torch.stack([cap[l][i][0][:, img] for l in range(ad.num_layers)]) for i in (0, 1)]  # [L, Hkv, n, d]
+
+    def replaced(ordinals):
+        g = torch.Generator().manual_seed(0)
+        k, v = (t.clone() for t in own)
+        for t in (k, v):
+            t[0][:, ordinals] = torch.randn(t[0][:, ordinals].shape, generator=g)
+        return TensorBaseline(k, v, "own, some ordinals replaced")
+
+    masks = torch.zeros(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    masks[0, 0] = True
+    for ordinals, moves in (([0, 1, 2], False), ([3], True)):
+        base = replaced(ordinals)
+        naive = naive_logits(model, None, inputs, masks, base)
+        fast = SuffixRunner(model, None, None, None, base, inputs=inputs)(masks)
+        torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
+        assert ((naive - ref).abs().max() > 1e-4) == moves
+
+
+def test_llama4_work_around_is_added_once_and_keeps_the_output():
+    """transformers 5.24's Llama 4 forward reads a field its language model's output lacks; the
+    adapter gives that output the attribute with one forward hook, added once per model, and the
+    output keeps its fields."""
+    model, inputs = tiny("llama4", batch=1)
+    fresh = type(model)(model.config).eval()  # no adapter yet
+    apply_compat(fresh, "llama4")
+    get_adapter(fresh)
+    assert len(fresh.language_model._forward_hooks) == 1
+    with torch.no_grad():
+        out = fresh(**inputs)
+        lm_out = fresh.language_model(input_ids=inputs["input_ids"])
+    assert "image_outputs" not in out and "image_outputs" not in lm_out  # keys, not attributes
+    assert lm_out.image_outputs is None and out.logits.shape[:2] == inputs["input_ids"].shape
+
+
 def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_reason():
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
@@ -83,7 +138,7 @@ def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_rea
 
 
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
-                                        ("llama4", "transformers 5.24"), ("kosmos-2", "no tested adapter")])
+                                        ("kosmos-2", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json
 

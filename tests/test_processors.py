@@ -41,6 +41,8 @@ TEMPLATES = {
     "llava": _template("USER: ", " ", "ASSISTANT:", "<image>\n"),
     "idefics3": _template("<|im_start|>User:", "<end_of_utterance>\n", "Assistant:", "<image>"),
     "gemma3": _template("<start_of_turn>user\n", "<end_of_turn>\n", "<start_of_turn>model\n", "<start_of_image>"),
+    "llama4": _template("<|header_start|>user<|header_end|>\n\n", "<|eot|>", "<|header_start|>assistant<|header_end|>\n\n",
+                        "<|image|>"),
 }
 TEMPLATES["llava_next"] = TEMPLATES["llava"]
 
@@ -109,10 +111,29 @@ def _processor(family):
                              ids={"<image_soft_token>": IMG, "<start_of_image>": 85, "<end_of_image>": 86})
         return tf.Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tok, image_seq_length=4,
                                   chat_template=TEMPLATES[family])
+    if family == "llama4":
+        # the processor expands <|image|> into <|image_start|><|image|><|patch|> x 4<|image_end|>; the
+        # model's image token (config image_token_index) is <|patch|>, not the processor's <|image|>
+        tok = make_tokenizer(specials=("<|patch|>", "<|image|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
+                                       "<|tile_y_separator|>", "<|header_start|>", "<|header_end|>", "<|eot|>"),
+                             ids={"<|patch|>": IMG})
+        return tf.Llama4Processor(OneTileLlama4ImageProcessor(size={"height": 32, "width": 32}), tok, patch_size=8,
+                                  chat_template=TEMPLATES[family])
     raise KeyError(family)
 
 
-FAMILIES = ["llava", "llava_next", "idefics3", "paligemma", "gemma3"]
+class OneTileLlama4ImageProcessor(SiglipImageProcessorPil):
+    """Llama4ImageProcessor needs torchvision, which headsteer does not depend on. This stand-in gives
+    its output for images that fit one tile (no tiling, no global view): pixel_values [1, 3, 32, 32]
+    and aspect ratio (1, 1) per image — what the real Llama4Processor lays the prompt out from."""
+
+    def __call__(self, images, **kwargs):
+        out = super().__call__(images, **kwargs)
+        out["aspect_ratios"] = torch.ones(len(out["pixel_values"]), 2, dtype=torch.long)
+        return out
+
+
+FAMILIES = ["llava", "llava_next", "idefics3", "paligemma", "gemma3", "llama4"]
 
 
 def build(family):
@@ -129,11 +150,12 @@ def image(seed=0, size=(32, 32)):
 
 def feature_counts(model, inputs) -> list[int]:
     """Image features per image, as the model's own ``get_image_features`` makes them."""
-    f = model.model.get_image_features
+    f = getattr(model, "model", model).get_image_features  # Llama 4 keeps it on the outer model
     kw = {k: v for k, v in inputs.items() if k in inspect.signature(f).parameters}
     with torch.no_grad():
         out = f(**kw)
-    out = getattr(out, "pooler_output", out)
+    pooled = getattr(out, "pooler_output", None)
+    out = pooled if pooled is not None else getattr(out, "last_hidden_state", out)  # Llama 4 has no pooled output
     return [len(x) for x in out] if isinstance(out, (list, tuple)) else [out.shape[1]] * out.shape[0]
 
 
@@ -164,11 +186,11 @@ def built(request):
 
 # role tokens before the last one, and the last token, of each family's generation prompt
 ROLE = {"llava": (["ASSISTANT"], ":"), "llava_next": (["ASSISTANT"], ":"), "idefics3": (["Assistant"], ":"),
-        "gemma3": (["<start_of_turn>"], "model"),
+        "gemma3": (["<start_of_turn>"], "model"), "llama4": (["<|header_start|>", "assistant"], "<|header_end|>"),
         "paligemma": ([], "\n")}  # no chat template: the processor ends the prompt with "\n"
 # tokens a processor puts around or between image tokens that are not image features
 AROUND = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_1_col_2>"],
-          "gemma3": ["<start_of_image>", "<end_of_image>"], "paligemma": ["<s>"]}
+          "gemma3": ["<start_of_image>", "<end_of_image>"], "paligemma": ["<s>"], "llama4": ["<|image_start|>", "<|image|>", "<|image_end|>"]}
 SIZES = [(96, 32), (32, 32)]  # a wide image (anyres tiles / splitting) and a square one
 
 
@@ -228,7 +250,7 @@ def test_left_padded_batch_equals_each_prompt_alone(built):
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-4)
 
 
-MULTI_IMAGE = {"llava", "llava_next", "idefics3", "gemma3"}  # processors that take several images in one prompt
+MULTI_IMAGE = {"llava", "llava_next", "idefics3", "gemma3", "llama4"}  # processors that take several images in one prompt
 
 
 def test_fast_equals_naive_on_the_processor_layout(built):

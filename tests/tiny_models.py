@@ -438,6 +438,24 @@ def _blip2(batch):
                   qformer_config=qformer, text_config=text, num_query_tokens=4, image_token_index=IMG)
 
 
+def _llama4(batch):
+    """Llama 4: MoE text model; layer 0 chunked attention (chunks of 8 tokens from the first real one:
+    the last tokens' chunk holds only the last image token) with RoPE and QK L2 norm, layer 1 full
+    attention without RoPE (NoPE). 4 image tokens (4x4 patches, pixel shuffle 0.5)."""
+    import transformers as tf
+
+    from headsteer import get_adapter
+
+    text = dict(TEXT, intermediate_size_mlp=64, num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                no_rope_layers=[1, 0], attention_chunk_size=8)
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                  vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5, rope_theta=10000)
+    model, inputs = _plain(tf.Llama4ForConditionalGeneration, tf.Llama4Config, 4, batch, _pix(3, 32, 32), text_config=text,
+                           vision_config=vision, image_token_index=IMG, boi_token_index=85, eoi_token_index=86)
+    get_adapter(model)  # adds the work-around for transformers 5.24's Llama 4 forward (headsteer/compat.py)
+    return model, inputs
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -482,6 +500,8 @@ BUILDERS = {
     "qwen3_5_moe": lambda b: _qwen3_5(b, moe=True),
     "lfm2_vl": _lfm2_vl,
     "lfm3_vl": _lfm3_vl,
+    # MoE text model with chunked-attention and NoPE layers
+    "llama4": _llama4,
 }
 HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl"}
 
