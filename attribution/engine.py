@@ -17,6 +17,7 @@ from headsteer.intervene import Spec, intervene
 # the prompt text after them, so the prefix is not invariant under ablation.
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
                 "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
+                "instructblip": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
                 # cross-attention families: the image reaches the text only through cross-attention layers
                 "mllama": "image information reaches the text through cross-attention layers (naive path only)",
                 "idefics": "image information reaches the text through cross-attention layers (naive path only)"}

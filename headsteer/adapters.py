@@ -48,6 +48,7 @@ FAMILIES = {
     "shieldgemma2": "ShieldGemma 2",
     "lighton_ocr": "LightOnOCR",
     "blip-2": "BLIP-2 (Q-Former queries at image-token positions of the decoder; needs image_token_index)",
+    "instructblip": "InstructBLIP (as BLIP-2; the Q-Former also reads the instruction)",
     "glm4v": "GLM-4.1V / GLM-4.5V text (3D RoPE)",
     "glm46v": "GLM-4.6V",
     "glm4v_moe": "GLM-4.5V (MoE)",
@@ -97,11 +98,16 @@ REFUSED = {
     "t5gemma2": _ENC_DEC,
     "vision-encoder-decoder": _ENC_DEC,
     "blip": _CROSS,
-    "instructblip": "not tested yet (BLIP-2 is supported; a tiny InstructBLIP's image did not reach the answer)",
-    "instructblipvideo": "not tested yet (BLIP-2 is supported)",
+    "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
+                          "(position ids too) into its Q-Former, which breaks the padded-batch positions headsteer gives the "
+                          "language model; not supported yet (InstructBLIP is)"),
 }
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
+
+# Families whose processor prepends num_query_tokens image tokens to the tokenized prompt (after
+# left-padding it, so a shorter prompt has its padding between the image and the text).
+_PREPENDS_IMAGE = ("blip-2", "instructblip")
 
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
@@ -301,8 +307,8 @@ class Adapter:
         proc = self.processor
         if proc is None:
             raise HeadsteerError("this model was loaded without a processor; pass processor= to build prompts")
-        if self.model_type == "idefics":
-            return question  # its processor puts the image first (<fake><image><fake>) and takes no chat template
+        if self.model_type in ("idefics", *_PREPENDS_IMAGE):
+            return question  # its processor puts the image tokens first and takes no chat template
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -471,9 +471,9 @@ def _groups_hook(session: _Session):
         am = kwargs.get("attention_mask")
         patches = session.object_patches[-1] if session.object_patches else None
         session.groups = session.ad.token_groups(ids, am, patches)
-        if session.ablation() is not None and _left_padded(am) and kwargs.get("position_ids") is None:
-            # Positions count from the first real token, so that a padded row sees the same rotary
-            # phases as the same prompt alone — and as the baseline's keys.
+        if session.ablation() is not None and _padded_before_text(am) and kwargs.get("position_ids") is None:
+            # Positions count real tokens only, so that a padded row sees the same rotary phases
+            # as the same prompt alone — and as the baseline's keys.
             pos = session.ad.padded_position_ids(am)
             if pos is not None:
                 kwargs["position_ids"] = pos
@@ -483,8 +483,13 @@ def _groups_hook(session: _Session):
     return hook
 
 
-def _left_padded(am) -> bool:
-    return am is not None and am.ndim == 2 and bool((am[:, 0] == 0).any())
+def _padded_before_text(am) -> bool:
+    """A pad before some real token: left padding, or the gap that the BLIP-2/InstructBLIP processors
+    leave between the image tokens they prepend and the left-padded text."""
+    if am is None or am.ndim != 2:
+        return False
+    real_later = am.flip(-1).cumsum(-1).flip(-1) > 0  # a real token at or after this position
+    return bool(((am == 0) & real_later).any())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,22 @@
 """Family-specific layouts beyond the one-image prompts of tiny_models: video frames as image tokens,
-and the family registry (every model type transformers maps to image-text-to-text is either
-supported or refused with its reason)."""
+hybrid stacks, Llama 4's chunked attention and its transformers 5.24 work-around, and the family
+registry (every model type transformers maps to image-text-to-text is either supported or refused
+with its reason, and the README lists them)."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
 from headsteer import get_adapter, intervene
+from headsteer.adapters import CROSS_FAMILIES, FAMILIES, REFUSED
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from headsteer.compat import apply_compat
 from test_intervene import last_logits, mean_like_baseline
 from test_intervene import test_interventions_hold_during_cached_generation as cached_generation_holds
-from tiny_models import HYBRID, IMG, _ids, tiny
+from tiny_models import BUILDERS, HYBRID, IMG, _ids, tiny
 
 VIDEO = 89  # video token id of the tiny video families
 VIDEO_TOKENS = {"video_llava": 34, "llava_next_video": 8}  # 2 frames of 32x32
@@ -127,18 +133,22 @@ def test_llama4_work_around_is_added_once_and_keeps_the_output():
 
 
 def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_reason():
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
-
-    from headsteer.adapters import FAMILIES, REFUSED
-    from tiny_models import BUILDERS
-
     assert set(FAMILIES) == set(BUILDERS)  # every supported family has a tiny model and runs the invariants
     assert set(FAMILIES) <= set(MAPPING) and not set(FAMILIES) & set(REFUSED)
     assert set(REFUSED) <= set(MAPPING)
 
 
+def test_readme_supported_models_lists_every_family_and_the_counts():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    n, total = map(int, re.match(r"\s*(\d+) of the (\d+) image-text-to-text model types", section).groups())
+    assert (n, total) == (len(FAMILIES) + len(CROSS_FAMILIES), len(MAPPING))
+    named = set(re.findall(r"`([a-z0-9_-]+)`", section))
+    assert set(FAMILIES) | set(CROSS_FAMILIES) | set(REFUSED) <= named
+
+
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
-                                        ("kosmos-2", "no tested adapter")])
+                                        ("instructblipvideo", "into its Q-Former"), ("kosmos-2", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json
 

@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -18,7 +19,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from headsteer import HeadsteerError, get_adapter, intervene
-from headsteer.attribution.engine import SuffixRunner, fast_path_refusal, naive_logits
+from headsteer.attribution.engine import SuffixRunner, ablated_logits, fast_path_refusal, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from tiny_models import CLIP, IMG, TEXT, VOCAB, tiny
 
@@ -282,3 +283,56 @@ def test_fast_equals_naive_on_the_processor_layout(built):
         base = random_baseline(ad, n)
     fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
     torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+
+
+# -- BLIP-2 and InstructBLIP: the processor prepends the image tokens to the tokenized text ----------
+BLIP = ["blip-2", "instructblip"]
+
+
+def blip_processor(family):
+    """The real processor; the tokenizer names no image token, so the processor adds ``<image>``
+    (pinned to the tiny model's image id) and prepends ``num_query_tokens`` of them to every prompt."""
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    if family == "blip-2":
+        return tf.Blip2Processor(ip, make_tokenizer(), num_query_tokens=4)
+    return tf.InstructBlipProcessor(ip, make_tokenizer(), make_tokenizer(), num_query_tokens=4)
+
+
+@pytest.mark.parametrize("family", BLIP)
+def test_blip_layout_image_first_then_a_padding_gap(family):
+    """The processor left-pads the text and then prepends the image tokens, so a shorter prompt has
+    its padding *between* the image and the text. Under ablation the positions still count real
+    tokens only, so a padded row equals the prompt alone; the prompt is the question itself."""
+    model = tiny(family, batch=1)[0]
+    ad = get_adapter(model, blip_processor(family))
+    images, questions = [image(0), image(1)], [Q_LONG, Q_SHORT]
+    batch = ad.encode(images, questions)
+    ids, am, tok = batch["input_ids"], batch["attention_mask"], ad.processor.tokenizer
+    assert ad.image_mask(ids)[:, :4].all() and int(ad.image_mask(ids).sum()) == 8
+    assert am[1, :4].all() and not am[1].all()  # the gap after the image
+    groups = ad.token_groups(ids, am)
+    for b, q in enumerate(questions):
+        assert tok.convert_ids_to_tokens(ids[b][groups["last"][b]].tolist()) == [q.split()[-1]]
+        assert tok.convert_ids_to_tokens(ids[b][groups["question"][b]].tolist()) == q.split()[:-1]
+    masks = torch.rand(2, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
+    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    with intervene(model, ablate=masks, baseline=base):
+        batched = last_logits(model, batch)
+    for i in range(2):
+        with intervene(model, ablate=masks[i : i + 1], baseline=base):
+            alone = last_logits(model, ad.encode([images[i]], [questions[i]]))
+        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", BLIP)
+def test_blip_all_heads_ablated_answer_ignores_the_image_on_the_naive_path(family):
+    model = tiny(family, batch=1)[0]
+    ad = get_adapter(model, blip_processor(family))
+    a, b = (ad.encode([image(s)], [Q_LONG]) for s in (0, 1))
+    assert (last_logits(model, a) - last_logits(model, b)).abs().max() > 1e-4  # the image matters
+    with intervene(model, ablate="*", baseline=ZeroBaseline(ad.num_kv_heads, ad.head_dim)):
+        torch.testing.assert_close(last_logits(model, a), last_logits(model, b), atol=1e-5, rtol=0)
+    assert fast_path_refusal(ad) is not None  # the forward needs the pixels: ablated_logits runs the naive path
+    masks = torch.ones(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
+    got = [ablated_logits(model, ad.processor, image(s), Q_LONG, masks, baseline="zero") for s in (0, 1)]
+    torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=0)

@@ -456,6 +456,27 @@ def _llama4(batch):
     return model, inputs
 
 
+def _instructblip(batch):
+    """InstructBLIP as transformers 5 runs it: like BLIP-2, the Q-Former's query outputs sit at
+    image-token positions of the decoder's input (a Llama decoder here, as in InstructBLIP-Vicuna), and
+    the Q-Former also reads the instruction (qformer_input_ids).
+
+    Two defaults of a random init keep the image from the answer: the vision config's
+    initializer_range (1e-10) makes the tower's output ~0 for every image, and at the Q-Former's 0.02
+    its cross-attention is near-uniform, so the queries average the patches away (the logits moved
+    by < 1e-4 between images)."""
+    import transformers as tf
+
+    qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
+                   initializer_range=0.2)
+    model, inputs = _plain(tf.InstructBlipForConditionalGeneration, tf.InstructBlipConfig, 4, batch, _pix(3, 32, 32),
+                           vision_config=dict(SIGLIP, initializer_range=0.02), qformer_config=qformer,
+                           text_config=dict(TEXT, model_type="llama"), num_query_tokens=4, image_token_index=IMG)
+    qids = torch.randint(3, 80, (batch, 5), generator=torch.Generator().manual_seed(4))
+    return model, dict(inputs, qformer_input_ids=qids, qformer_attention_mask=torch.ones_like(qids))
+
+
+
 BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -486,6 +507,7 @@ BUILDERS = {
     "shieldgemma2": _shieldgemma2,
     "lighton_ocr": _lighton_ocr,
     "blip-2": _blip2,
+    "instructblip": _instructblip,
     # multimodal RoPE
     "glm4v": lambda b: _glm4v(b, "glm4v"),
     "glm46v": lambda b: _glm4v(b, "glm46v"),
