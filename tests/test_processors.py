@@ -191,7 +191,8 @@ ROLE = {"llava": (["ASSISTANT"], ":"), "llava_next": (["ASSISTANT"], ":"), "idef
         "paligemma": ([], "\n")}  # no chat template: the processor ends the prompt with "\n"
 # tokens a processor puts around or between image tokens that are not image features
 AROUND = {"idefics3": ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_1_col_2>"],
-          "gemma3": ["<start_of_image>", "<end_of_image>"], "paligemma": ["<s>"], "llama4": ["<|image_start|>", "<|image|>", "<|image_end|>"]}
+          "gemma3": ["<start_of_image>", "<end_of_image>"], "paligemma": ["<s>"],
+          "llama4": ["<|image_start|>", "<|image|>", "<|image_end|>"]}
 SIZES = [(96, 32), (32, 32)]  # a wide image (anyres tiles / splitting) and a square one
 
 
