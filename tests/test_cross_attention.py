@@ -401,3 +401,15 @@ def test_cli_attribute_on_a_saved_tiny_model(family, tmp_path):
                                   "--out", str(tmp_path / "attn.json")])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "edit scale" in r.output, r.output
     assert not (tmp_path / "attn.json").exists()
+    # eval with transfer metrics, before and after a scale edit of the cross-attention heads
+    edit = tmp_path / "scale.json"
+    r = CliRunner().invoke(main, ["edit", "scale", "--model", str(tmp_path / "ck"), "--heads", "L0H0-3,L1H0-3",
+                                  "--factor", "0", "--out", str(edit)])
+    assert r.exit_code == 0, r.output
+    for name, extra in (("ev", []), ("ev_edit", ["--edit", str(edit)])):
+        r = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "ck"), "--data", str(tmp_path / "data.jsonl"),
+                                      "--limit", "4", "--batch-size", "2", "--out", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+    before, after = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ev", "ev_edit"))
+    assert abs(before["image_reliance"]) > 1e-4  # the image matters through the cross-attention heads...
+    assert abs(after["image_reliance"]) < 1e-6  # ...and not at all once every one of them is zeroed
