@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="fast-path masks per batch (default: from free memory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--question", default="what shape is in the image?",
+                    help="the prompt's question (a longer one gives a longer text suffix)")
     ap.add_argument("--profile", action="store_true", help="also print the top GPU kernels of one fast-path batch")
     ap.add_argument("--baseline", default=None, help="mean / blank / zero (default: mean for the default model, else zero)")
     args = ap.parse_args()
@@ -102,7 +104,7 @@ def main():
     else:
         model, proc = headsteer.load(args.model, device=dev, dtype=dtype)
         ad = get_adapter(model, proc)
-        inputs = ad.encode([default_image()], ["what shape is in the image?"])
+        inputs = ad.encode([default_image()], [args.question])
         name = f"{args.model} ({ad.model_type})"
         kind = args.baseline or ("mean" if args.model == "default" else "zero")
         base = make_baseline(model, proc, kind) if kind != "zero" else ZeroBaseline(ad.num_kv_heads, ad.head_dim)

@@ -28,6 +28,7 @@ import headsteer  # noqa: E402
 from headsteer.ask import default_image  # noqa: E402
 from headsteer.cli import main as cli  # noqa: E402
 
+LONG_QUESTION = "what is the shape in this image and what is the colour of the shape there ?"
 RESULTS = []
 STATE = {"deadline": float("inf"), "json": None, "extra": {}, "skip": []}
 
@@ -226,6 +227,12 @@ def main():
                        "--device", args.device, "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "16", "--profile"],
                        need=60, timeout=240)
         STATE["extra"]["bench_llava7b"] = bench
+        # the reference prompt had a 19-token suffix; this tokenizer gives 9 for the default question
+        bench19 = script("bench: llava-1.5-7b shape, 19-token suffix",
+                         [py, str(ROOT / "scripts" / "bench_attribution.py"), "--model", str(llava), "--device", args.device,
+                          "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "4", "--question", LONG_QUESTION],
+                         need=45, timeout=180)
+        STATE["extra"]["bench_llava7b_suffix19"] = bench19
         load_and_attribute(str(llava), work, dev, "llava7b", args.n_images, args.masks)
         project("llava7b", args.n_images, args.masks)
         precision_at_shape(llava, args.device)
