@@ -18,7 +18,7 @@ _REF = {}
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
-    layer = module.layer_idx
+    layer = _REF["ordinal"][module.layer_idx]  # heads are numbered by attention layer (hybrid stacks)
     G = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
 
@@ -51,7 +51,8 @@ AttentionMaskInterface.register("test_reference", eager_mask)
 def reference_logits(model, inputs, masks, base):
     ad = get_adapter(model)
     groups = ad.token_groups(inputs["input_ids"], inputs.get("attention_mask"))
-    _REF.update(img=groups["image"], after=groups["after_image"], base=base)
+    _REF.update(img=groups["image"], after=groups["after_image"], base=base,
+                ordinal={ad.model_layer(i): i for i in range(ad.num_layers)})
     cfgs = {id(m.config): m.config for m in ad.attention}.values()
     saved = [(c, c._attn_implementation) for c in cfgs]
     try:
@@ -103,7 +104,7 @@ def test_default_model_low_precision(default_model, dtype):
     check_contract(model, inputs, dtype)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3", "mistral3", "llama4", "qwen3_5", "lfm2_vl"])
 def test_tiny_families_bf16(family):
     model, inputs = tiny(family, batch=1)
     check_contract(model, inputs, torch.bfloat16)
