@@ -38,6 +38,7 @@ FAMILIES = {
     "video_llava": "Video-LLaVA",
     "idefics2": "Idefics2",
     "got_ocr2": "GOT-OCR 2.0",
+    "pp_chart2table": "PP-Chart2Table (transformers runs it with GOT-OCR 2.0's classes)",
     "deepseek_vl": "DeepSeek-VL",
     "deepseek_vl_hybrid": "DeepSeek-VL hybrid (SigLIP + SAM towers)",
     "janus": "Janus (understanding path)",

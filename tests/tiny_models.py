@@ -222,10 +222,10 @@ def _idefics2(batch):
                   vision_config=dict(SIGLIP), perceiver_config=perceiver, text_config=tf.MistralConfig(**TEXT), image_token_id=IMG)
 
 
-def _got_ocr2(batch):
+def _got_ocr2(batch, Cfg="GotOcr2Config"):
     import transformers as tf
 
-    return _plain(tf.GotOcr2ForConditionalGeneration, tf.GotOcr2Config, 1, batch, _pix(3, 64, 64),
+    return _plain(tf.GotOcr2ForConditionalGeneration, getattr(tf, Cfg), 1, batch, _pix(3, 64, 64),
                   vision_config=dict(SAM), text_config=tf.Qwen2Config(**TEXT), image_token_index=IMG)
 
 
@@ -498,6 +498,7 @@ BUILDERS = {
     "video_llava": _video_llava,
     "idefics2": _idefics2,
     "got_ocr2": _got_ocr2,
+    "pp_chart2table": lambda b: _got_ocr2(b, "PPChart2TableConfig"),  # transformers maps it to GOT-OCR 2.0's model
     "deepseek_vl": _deepseek_vl,
     "deepseek_vl_hybrid": lambda b: _deepseek_vl(b, hybrid=True),
     "janus": _janus,
