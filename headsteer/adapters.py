@@ -32,6 +32,7 @@ FAMILIES = {
     "paligemma": "PaliGemma",
     "mistral3": "Mistral 3 (Pixtral vision)",
     "internvl": "InternVL (transformers-native)",
+    "qianfan_ocr": "Qianfan-OCR (InternVL layout, Qwen3 text)",
     "aya_vision": "Aya Vision",
     "vipllava": "VipLLaVA",
     "llava_next_video": "LLaVA-NeXT-Video",

@@ -173,6 +173,15 @@ def _internvl(batch):
     return InternVLForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 3, 32, 32))
 
 
+def _qianfan_ocr(batch):
+    import transformers as tf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[32, 32],
+                  patch_size=[8, 8])
+    return _plain(tf.QianfanOCRForConditionalGeneration, tf.QianfanOCRConfig, 4, batch, _pix(3, 32, 32), vision_config=vision,
+                  text_config=tf.Qwen3Config(**TEXT), image_token_id=IMG, downsample_ratio=0.5, vision_feature_layer=-1)
+
+
 def _plain(Model, Cfg, n_img, batch, pixels, **cfg):
     """A family whose image tokens are one contiguous run of ``n_img`` tokens: model, batch."""
     ids, am = _ids(n_img, batch)
@@ -491,6 +500,7 @@ BUILDERS = {
     "paligemma": _paligemma,
     "mistral3": _mistral3,
     "internvl": _internvl,
+    "qianfan_ocr": _qianfan_ocr,
     "aya_vision": _aya,
     "vipllava": _vipllava,
     # adapter-only families added with issue 10
