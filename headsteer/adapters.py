@@ -54,6 +54,7 @@ FAMILIES = {
     "glm4v": "GLM-4.1V / GLM-4.5V text (3D RoPE)",
     "glm46v": "GLM-4.6V",
     "glm4v_moe": "GLM-4.5V (MoE)",
+    "glm_ocr": "GLM-OCR (GLM-4.1V layout)",
     "glmga": "GLM (glmga config run by transformers' GLM-4.6V model classes)",
     "qwen3_vl_moe": "Qwen3-VL MoE",
     "ernie4_5_vl_moe": "ERNIE 4.5 VL (MoE)",
@@ -115,7 +116,7 @@ _PREPENDS_IMAGE = ("blip-2", "instructblip")
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
 # cached steps, so headsteer passes no position ids.
-OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "ernie4_5_vl_moe",
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
                  "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}

@@ -349,6 +349,7 @@ def _glm4v(batch, which):
     Model, Cfg, text = {
         "glm4v": (tf.Glm4vForConditionalGeneration, tf.Glm4vConfig, GLM_TEXT),
         "glm46v": (tf.Glm46VForConditionalGeneration, tf.Glm46VConfig, GLM_TEXT),
+        "glm_ocr": (tf.GlmOcrForConditionalGeneration, tf.GlmOcrConfig, GLM_TEXT),
         "glmga": (tf.Glm46VForConditionalGeneration, tf.GlmgaConfig, GLM_TEXT),  # transformers maps glmga to GLM-4.6V's model
         "glm4v_moe": (tf.Glm4vMoeForConditionalGeneration, tf.Glm4vMoeConfig,
                       dict(GLM_TEXT, **TINY_MOE, n_shared_experts=1, n_routed_experts=2, first_k_dense_replace=1, n_group=1,
@@ -524,6 +525,7 @@ BUILDERS = {
     "glm4v": lambda b: _glm4v(b, "glm4v"),
     "glm46v": lambda b: _glm4v(b, "glm46v"),
     "glmga": lambda b: _glm4v(b, "glmga"),
+    "glm_ocr": lambda b: _glm4v(b, "glm_ocr"),
     "glm4v_moe": lambda b: _glm4v(b, "glm4v_moe"),
     "qwen3_vl_moe": _qwen3_vl_moe,
     "ernie4_5_vl_moe": _ernie4_5_vl_moe,
