@@ -90,9 +90,10 @@ def _qwen_vl(batch, version):
         "qwen2_vl": (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration),
         "qwen2_5_vl": (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration),
+        "cosmos3_omni": (tf.Cosmos3OmniConfig, tf.Cosmos3OmniForConditionalGeneration),  # Qwen3-VL's architecture
     }[version]
     text = {**TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}
-    if version == "qwen3_vl":
+    if version in ("qwen3_vl", "cosmos3_omni"):
         text["rope_parameters"]["mrope_interleaved"] = True
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
                       spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=[0])
@@ -495,6 +496,7 @@ BUILDERS = {
     "qwen2_vl": lambda b: _qwen_vl(b, "qwen2_vl"),
     "qwen2_5_vl": lambda b: _qwen_vl(b, "qwen2_5_vl"),
     "qwen3_vl": lambda b: _qwen_vl(b, "qwen3_vl"),
+    "cosmos3_omni": lambda b: _qwen_vl(b, "cosmos3_omni"),
     "idefics3": _idefics3,
     "smolvlm": lambda b: _idefics3(b, smol=True),
     "gemma3": _gemma3,
