@@ -29,6 +29,7 @@ FAMILIES = {
     "cosmos3_omni": "Cosmos3 (understanding path; Qwen3-VL layout)",
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",
+    "granite_docling": "Granite-Docling (Idefics3 layout, DeepStack features added at image positions, Granite text)",
     "gemma3": "Gemma 3",
     "paligemma": "PaliGemma",
     "mistral3": "Mistral 3 (Pixtral vision)",

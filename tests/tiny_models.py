@@ -126,6 +126,18 @@ def _idefics3(batch, smol=False):
                             pixel_attention_mask=torch.ones(batch, 1, 32, 32, dtype=torch.bool))
 
 
+def _granite_docling(batch):
+    """Granite-Docling: one 32x32 tile -> 4 image tokens (pixel shuffle 2); vision layer 0's DeepStack
+    features are added at the image positions after text layer 0; Granite's multipliers kept neutral."""
+    import transformers as tf
+
+    vision = dict(SIGLIP, num_hidden_layers=2, out_hidden_size=32, scale_factor=2, deepstack_visual_indexes=[0], use_fine_route=False)
+    text = dict(TEXT, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=0.125)
+    return _plain(tf.GraniteDoclingForConditionalGeneration, tf.GraniteDoclingConfig, 4, batch,
+                  _pix(1, 3, 32, 32, pixel_attention_mask=lambda b: torch.ones(b, 1, dtype=torch.bool)),
+                  text_config=text, vision_config=vision, image_token_id=IMG)
+
+
 def _gemma3(batch):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
@@ -499,6 +511,7 @@ BUILDERS = {
     "cosmos3_omni": lambda b: _qwen_vl(b, "cosmos3_omni"),
     "idefics3": _idefics3,
     "smolvlm": lambda b: _idefics3(b, smol=True),
+    "granite_docling": _granite_docling,
     "gemma3": _gemma3,
     "paligemma": _paligemma,
     "mistral3": _mistral3,
