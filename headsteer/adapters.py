@@ -93,6 +93,8 @@ CROSS_FAMILIES = {
 # Image-text-to-text families refused, and why (checked before any weight loads).
 _VQ = "image VQ codes are part of the vocabulary; there are no image positions to ablate"
 _ENC_DEC = "encoder-decoder: the text decoder reads the image through cross-attention to an encoder, not through image positions"
+# Their checkpoints' vision towers are timm models (config model_type "timm_wrapper").
+_TIMM = "its vision tower is a timm model (timm_wrapper), and headsteer does not depend on timm"
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -104,6 +106,13 @@ REFUSED = {
     "t5gemma2": _ENC_DEC,
     "vision-encoder-decoder": _ENC_DEC,
     "blip": _CROSS,
+    "pp_formulanet": _ENC_DEC,
+    "evolla": ("a protein-text model: protein sequences (not images) reach the text through cross-attention "
+               "(sequence aligner) layers; there are no image positions"),
+    "fast_vlm": _TIMM,
+    "perception_lm": _TIMM,
+    "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
+    "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
                           "(position ids too) into its Q-Former, which breaks the padded-batch positions headsteer gives the "
                           "language model; not supported yet (InstructBLIP is)"),

@@ -148,7 +148,8 @@ def test_readme_supported_models_lists_every_family_and_the_counts():
 
 
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
-                                        ("instructblipvideo", "into its Q-Former"), ("kosmos-2", "no tested adapter")])
+                                        ("instructblipvideo", "into its Q-Former"), ("fast_vlm", "timm"), ("pi0", "no answer token"),
+                                        ("diffusion_gemma", "block-diffusion"), ("evolla", "protein"), ("kosmos-2", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json
 
