@@ -39,6 +39,7 @@ FAMILIES = {
     "vipllava": "VipLLaVA",
     "llava_next_video": "LLaVA-NeXT-Video",
     "video_llava": "Video-LLaVA",
+    "video_llama_3": "VideoLLaMA3 (Qwen2 text, 1D positions)",
     "idefics2": "Idefics2",
     "got_ocr2": "GOT-OCR 2.0",
     "pp_chart2table": "PP-Chart2Table (transformers runs it with GOT-OCR 2.0's classes)",

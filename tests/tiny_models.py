@@ -234,6 +234,19 @@ def _video_llava(batch):
                   video_token_index=89, vision_feature_layer=-1, image_seq_length=16)
 
 
+def _video_llama_3(batch):
+    """VideoLLaMA3: flattened 4x4 patches (Qwen2-VL style, 16 per image) merged 2x2 into 4 image tokens;
+    plain 1D positions."""
+    import transformers as tf
+
+    def pixels(b):
+        return dict(pixel_values=torch.randn(b * 16, 3 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]] * b),
+                    image_merge_sizes=torch.tensor([2] * b))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
+    return _plain(tf.VideoLlama3ForConditionalGeneration, tf.VideoLlama3Config, 4, batch, pixels,
+                  text_config=tf.Qwen2Config(**TEXT), vision_config=vision, image_token_id=IMG, video_token_id=87)
+
+
 def _idefics2(batch):
     import transformers as tf
 
@@ -522,6 +535,7 @@ BUILDERS = {
     # adapter-only families added with issue 10
     "llava_next_video": _llava_next_video,
     "video_llava": _video_llava,
+    "video_llama_3": _video_llama_3,
     "idefics2": _idefics2,
     "got_ocr2": _got_ocr2,
     "pp_chart2table": lambda b: _got_ocr2(b, "PPChart2TableConfig"),  # transformers maps it to GOT-OCR 2.0's model
