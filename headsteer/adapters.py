@@ -96,6 +96,11 @@ _VQ = "image VQ codes are part of the vocabulary; there are no image positions t
 _ENC_DEC = "encoder-decoder: the text decoder reads the image through cross-attention to an encoder, not through image positions"
 # Their checkpoints' vision towers are timm models (config model_type "timm_wrapper").
 _TIMM = "its vision tower is a timm model (timm_wrapper), and headsteer does not depend on timm"
+# DeepSeek-V3-style multi-head latent attention with the released head sizes: keys carry no-rope +
+# rope dims, more than the values' v_head_dim (e.g. 192 vs 128), while the K/V baselines and
+# ablation place one head size for both (a tiny Kimi K2.5 fails there).
+_MLA = ("multi-head latent attention with key heads wider than value heads (qk_nope_head_dim + qk_rope_head_dim > "
+        "v_head_dim); headsteer's K/V baselines assume one head size for keys and values")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -112,6 +117,9 @@ REFUSED = {
                "(sequence aligner) layers; there are no image positions"),
     "fast_vlm": _TIMM,
     "perception_lm": _TIMM,
+    "kimi_k25": _MLA,
+    "hy_v4_vl": _MLA,
+    "dots3_note": _MLA,
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
