@@ -68,6 +68,7 @@ FAMILIES = {
     "qwen3_5_moe": "Qwen3.5 MoE (hybrid)",
     "lfm2_vl": "LFM2-VL (hybrid: short convolutions + attention layers)",
     "lfm3_vl": "LFM3-VL (hybrid)",
+    "minicpmv4_6": "MiniCPM-V 4.6 (hybrid Qwen3.5 text: gated delta-net + attention layers; 1D positions)",
     "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 

@@ -452,6 +452,21 @@ def _lfm2_vl(batch):
                   image_token_id=IMG, downsample_factor=2, projector_hidden_size=32)
 
 
+def _minicpmv4_6(batch):
+    """MiniCPM-V 4.6: each image is 8x8 patches of 2x2 pixels, merged 16x into 4 image tokens; its
+    processor packs every image's patches side by side into one pixel row ([1, 3, 2, 2 * 64 * batch]).
+    Hybrid Qwen3.5 text (layer 0 gated delta-net)."""
+    import transformers as tf
+
+    text = dict(TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "full_attention"], **LINEAR_ATTN)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=2, image_size=16)
+
+    def pixels(b):
+        return dict(pixel_values=torch.randn(1, 3, 2, 2 * 64 * b), target_sizes=torch.tensor([[8, 8]] * b))
+    return _plain(tf.MiniCPMV4_6ForConditionalGeneration, tf.MiniCPMV4_6Config, 4, batch, pixels, text_config=text,
+                  vision_config=vision, image_token_id=IMG, video_token_id=87, insert_layer_id=0, image_size=16)
+
+
 def _lfm3_vl(batch):
     import transformers as tf
 
@@ -566,10 +581,11 @@ BUILDERS = {
     "qwen3_5_moe": lambda b: _qwen3_5(b, moe=True),
     "lfm2_vl": _lfm2_vl,
     "lfm3_vl": _lfm3_vl,
+    "minicpmv4_6": _minicpmv4_6,
     # MoE text model with chunked-attention and NoPE layers
     "llama4": _llama4,
 }
-HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl"}
+HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6"}
 
 
 # -- cross-attention families: the text reads the image only through cross-attention layers ---------
@@ -667,6 +683,10 @@ def alone_row(family, inputs, b):
             sizes = inputs["image_grid_thw"].prod(-1).tolist()
             start = sum(sizes[:b])
             out[k] = v[start : start + sizes[b]]
+        elif k == "pixel_values" and "target_sizes" in inputs:  # MiniCPM-V: every image's patches packed along the width
+            widths = (inputs["target_sizes"].prod(-1) * v.shape[-2]).tolist()  # patches x patch width (square patches)
+            start = sum(widths[:b])
+            out[k] = v[..., start : start + widths[b]]
         elif torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == inputs["input_ids"].shape[0]:
             out[k] = v[b : b + 1]
         else:
