@@ -69,6 +69,7 @@ FAMILIES = {
     "lfm2_vl": "LFM2-VL (hybrid: short convolutions + attention layers)",
     "lfm3_vl": "LFM3-VL (hybrid)",
     "minicpmv4_6": "MiniCPM-V 4.6 (hybrid Qwen3.5 text: gated delta-net + attention layers; 1D positions)",
+    "minicpm_ocr": "MiniCPM-OCR (MiniCPM-V 4.6's model, 4x downsampling)",
     "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 

@@ -452,19 +452,22 @@ def _lfm2_vl(batch):
                   image_token_id=IMG, downsample_factor=2, projector_hidden_size=32)
 
 
-def _minicpmv4_6(batch):
-    """MiniCPM-V 4.6: each image is 8x8 patches of 2x2 pixels, merged 16x into 4 image tokens; its
-    processor packs every image's patches side by side into one pixel row ([1, 3, 2, 2 * 64 * batch]).
-    Hybrid Qwen3.5 text (layer 0 gated delta-net)."""
+def _minicpmv4_6(batch, ocr=False):
+    """MiniCPM-V 4.6: each image is 8x8 patches of 2x2 pixels, merged 16x into 4 image tokens (MiniCPM-OCR:
+    4x4 patches merged 4x); its processor packs every image's patches side by side into one pixel row
+    ([1, 3, 2, 2 * patches * batch]). Hybrid Qwen3.5 text (layer 0 gated delta-net)."""
     import transformers as tf
 
     text = dict(TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "full_attention"], **LINEAR_ATTN)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=2, image_size=16)
+    side = 4 if ocr else 8
 
     def pixels(b):
-        return dict(pixel_values=torch.randn(1, 3, 2, 2 * 64 * b), target_sizes=torch.tensor([[8, 8]] * b))
-    return _plain(tf.MiniCPMV4_6ForConditionalGeneration, tf.MiniCPMV4_6Config, 4, batch, pixels, text_config=text,
-                  vision_config=vision, image_token_id=IMG, video_token_id=87, insert_layer_id=0, image_size=16)
+        return dict(pixel_values=torch.randn(1, 3, 2, 2 * side * side * b), target_sizes=torch.tensor([[side, side]] * b))
+    Model, Cfg, extra = ((tf.MiniCPMOcrForConditionalGeneration, tf.MiniCPMOcrConfig, {}) if ocr else
+                         (tf.MiniCPMV4_6ForConditionalGeneration, tf.MiniCPMV4_6Config, dict(image_size=16)))
+    return _plain(Model, Cfg, 4, batch, pixels, text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=87,
+                  insert_layer_id=0, **extra)
 
 
 def _lfm3_vl(batch):
@@ -582,10 +585,11 @@ BUILDERS = {
     "lfm2_vl": _lfm2_vl,
     "lfm3_vl": _lfm3_vl,
     "minicpmv4_6": _minicpmv4_6,
+    "minicpm_ocr": lambda b: _minicpmv4_6(b, ocr=True),
     # MoE text model with chunked-attention and NoPE layers
     "llama4": _llama4,
 }
-HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6"}
+HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr"}
 
 
 # -- cross-attention families: the text reads the image only through cross-attention layers ---------
