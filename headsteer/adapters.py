@@ -22,6 +22,7 @@ from .errors import HeadsteerError
 FAMILIES = {
     "llava": "LLaVA-1.5",
     "llava_next": "LLaVA-NeXT",
+    "granite4_vision": "Granite 4 Vision (LLaVA-NeXT layout, window Q-Former projector, DeepStack at image positions)",
     "llava_onevision": "LLaVA-OneVision",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",

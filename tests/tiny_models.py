@@ -72,6 +72,22 @@ def _llava_next(batch):
                                                          image_sizes=torch.tensor([[32, 32]] * batch))
 
 
+def _granite4_vision(batch):
+    """Granite 4 Vision: LLaVA-NeXT anyres (one 32x32 tile + base image) through a window Q-Former
+    (rate 1/2) into 10 image tokens; DeepStack and spatial features added at image positions of text
+    layers 0 and 1. Vision width 64: the Q-Former takes one head per 64 channels."""
+    import transformers as tf
+
+    text = dict(TEXT, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=0.125)
+    qformer = dict(num_hidden_layers=1, intermediate_size=64, cross_attention_frequency=1, max_position_embeddings=64,
+                   use_qformer_text_input=False)
+    return _plain(tf.Granite4VisionForConditionalGeneration, tf.Granite4VisionConfig, 10, batch,
+                  _pix(2, 3, 32, 32, image_sizes=lambda b: torch.tensor([[32, 32]] * b)),
+                  text_config=text, vision_config=dict(CLIP, hidden_size=64, num_hidden_layers=2), qformer_config=qformer,
+                  image_token_index=IMG, image_grid_pinpoints=[[32, 32]], downsample_rate="1/2", deepstack_layer_map=[[0, 0], [1, 1]],
+                  spatial_target_layers=[0, 1, 0, 1], vision_feature_layer=-1, projector_dropout=0.0)
+
+
 def _llava_onevision(batch):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
@@ -536,6 +552,7 @@ BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
+    "granite4_vision": _granite4_vision,
     "qwen2_vl": lambda b: _qwen_vl(b, "qwen2_vl"),
     "qwen2_5_vl": lambda b: _qwen_vl(b, "qwen2_5_vl"),
     "qwen3_vl": lambda b: _qwen_vl(b, "qwen3_vl"),
