@@ -46,6 +46,7 @@ FAMILIES = {
     "pp_chart2table": "PP-Chart2Table (transformers runs it with GOT-OCR 2.0's classes)",
     "deepseek_vl": "DeepSeek-VL",
     "deepseek_vl_hybrid": "DeepSeek-VL hybrid (SigLIP + SAM towers)",
+    "deepseek_ocr2": "DeepSeek-OCR 2 (SAM + Qwen2 query encoder; multi-head attention text)",
     "janus": "Janus (understanding path)",
     "ovis2": "Ovis2",
     "aria": "Aria (MoE text model)",

@@ -291,6 +291,18 @@ def _deepseek_vl(batch, hybrid=False):
                   vision_config=dict(SIGLIP), text_config=dict(TEXT), image_token_id=IMG)
 
 
+def _deepseek_ocr2(batch):
+    """DeepSeek-OCR 2: SAM features read by a fixed set of 144 learned queries (a Qwen2 encoder), then a
+    view separator: 145 image tokens per 64x64 image (no local crops). DeepSeek-V2 text with plain
+    multi-head attention (its config drops the latent-attention fields) and dense MLPs."""
+    import transformers as tf
+
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    vision = dict(sam_config=dict(SAM, downsample_channels=[16, 32]), encoder_config=dict(TEXT, vocab_size=8))
+    return _plain(tf.DeepseekOcr2ForConditionalGeneration, tf.DeepseekOcr2Config, 145, batch, _pix(3, 64, 64),
+                  text_config=dict(text, mlp_layer_types=["dense", "dense"]), vision_config=vision, image_token_id=IMG)
+
+
 def _janus(batch):
     import transformers as tf
 
@@ -576,6 +588,7 @@ BUILDERS = {
     "pp_chart2table": lambda b: _got_ocr2(b, "PPChart2TableConfig"),  # transformers maps it to GOT-OCR 2.0's model
     "deepseek_vl": _deepseek_vl,
     "deepseek_vl_hybrid": lambda b: _deepseek_vl(b, hybrid=True),
+    "deepseek_ocr2": _deepseek_ocr2,
     "janus": _janus,
     "ovis2": _ovis2,
     "aria": _aria,
