@@ -105,6 +105,9 @@ _TIMM = "its vision tower is a timm model (timm_wrapper), and headsteer does not
 # ablation place one head size for both (a tiny Kimi K2.5 fails there).
 _MLA = ("multi-head latent attention with key heads wider than value heads (qk_nope_head_dim + qk_rope_head_dim > "
         "v_head_dim); headsteer's K/V baselines assume one head size for keys and values")
+# DeepSeek sparse attention: a learned indexer picks, per query, the top-k keys its layer reads.
+_DSA = ("DeepSeek sparse attention: a learned indexer picks the top-k keys each query reads, a key selection "
+        "headsteer's per-head K/V ablation does not model")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -124,6 +127,10 @@ REFUSED = {
     "kimi_k25": _MLA,
     "hy_v4_vl": _MLA,
     "dots3_note": _MLA,
+    "mistral_large4": _DSA,
+    "glm5_next": _DSA,
+    "mistral4": ("transformers maps it to Mistral4ForCausalLM, a text-only model: no vision tower and no pixel inputs, "
+                 "so no image positions"),
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
