@@ -108,6 +108,8 @@ _MLA = ("multi-head latent attention with key heads wider than value heads (qk_n
 # DeepSeek sparse attention: a learned indexer picks, per query, the top-k keys its layer reads.
 _DSA = ("DeepSeek sparse attention: a learned indexer picks the top-k keys each query reads, a key selection "
         "headsteer's per-head K/V ablation does not model")
+_POSITION_MASK = ("image positions are marked by image_embeds_position_mask, not by one image token id "
+                  "(the processor writes a different placeholder id at each image position)")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -131,6 +133,11 @@ REFUSED = {
     "glm5_next": _DSA,
     "mistral4": ("transformers maps it to Mistral4ForCausalLM, a text-only model: no vision tower and no pixel inputs, "
                  "so no image positions"),
+    "apertus1p5": _VQ,
+    "git": ("its image features are prepended to the token embeddings (no image-token positions in input_ids) and "
+            "attend to each other bidirectionally"),
+    "kosmos-2": _POSITION_MASK,
+    "kosmos-2.5": _POSITION_MASK,
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
