@@ -412,6 +412,16 @@ def _glm4v(batch, which):
     return _mrope(Model, Cfg, batch, text, dict(GLM_VISION), markers=("image_start_token_id", "image_end_token_id"))
 
 
+def _cosmos3_edge(batch):
+    """Cosmos3 Edge: SigLIP2-style flattened 4x4 patches (no temporal patch), Qwen2-VL 3D RoPE."""
+    import transformers as tf
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4, num_patches=16,
+                  spatial_merge_size=2)
+    return _mrope(tf.Cosmos3EdgeForConditionalGeneration, tf.Cosmos3EdgeConfig, batch, dict(TEXT, rope_parameters=dict(ROPE3D)),
+                  vision, patch=(3 * 4 * 4,), projector_hidden_size=64)
+
+
 def _qwen3_vl_moe(batch):
     import transformers as tf
 
@@ -605,6 +615,7 @@ BUILDERS = {
     "glm_ocr": lambda b: _glm4v(b, "glm_ocr"),
     "glm4v_moe": lambda b: _glm4v(b, "glm4v_moe"),
     "qwen3_vl_moe": _qwen3_vl_moe,
+    "cosmos3_edge": _cosmos3_edge,
     "ernie4_5_vl_moe": _ernie4_5_vl_moe,
     "paddleocr_vl": _paddleocr_vl,
     "qwen2_5_omni_thinker": lambda b: _omni_thinker(b, "qwen2_5_omni_thinker"),
