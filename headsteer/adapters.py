@@ -111,6 +111,10 @@ _DSA = ("DeepSeek sparse attention: a learned indexer picks the top-k keys each 
         "headsteer's per-head K/V ablation does not model")
 _POSITION_MASK = ("image positions are marked by image_embeds_position_mask, not by one image token id "
                   "(the processor writes a different placeholder id at each image position)")
+# Their generation step recomputes positions from the cache length, padding included (a tiny EXAONE 4.5
+# fails the cached-generation invariant under ablation).
+_GEN_POSITIONS = ("transformers 5.24's prepare_inputs_for_generation drops position_ids, so the decoding steps of a "
+                  "left-padded batch count the padding while the prompt's positions do not; not supported yet")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -139,6 +143,11 @@ REFUSED = {
             "attend to each other bidirectionally"),
     "kosmos-2": _POSITION_MASK,
     "kosmos-2.5": _POSITION_MASK,
+    "hunyuan_vl": ("transformers 5.24's HunYuanVLModel.get_rope_index counts the image-index RoPE axis across the whole "
+                   "batch (row b's image gets index b), so a row in a batch differs from the same prompt alone; not "
+                   "supported yet"),
+    "exaone4_5": _GEN_POSITIONS,
+    "hyperclovax_vision_v2": _GEN_POSITIONS,
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
