@@ -106,9 +106,10 @@ _TIMM = "its vision tower is a timm model (timm_wrapper), and headsteer does not
 # ablation place one head size for both (a tiny Kimi K2.5 fails there).
 _MLA = ("multi-head latent attention with key heads wider than value heads (qk_nope_head_dim + qk_rope_head_dim > "
         "v_head_dim); headsteer's K/V baselines assume one head size for keys and values")
-# DeepSeek sparse attention: a learned indexer picks, per query, the top-k keys its layer reads.
-_DSA = ("DeepSeek sparse attention: a learned indexer picks the top-k keys each query reads, a key selection "
-        "headsteer's per-head K/V ablation does not model")
+# Sparse attention (DeepSeek DSA, MiniMax block-sparse, Qwen4 QSA): a learned indexer picks, per query,
+# the top-k keys or key blocks its layer reads.
+_DSA = ("sparse attention: a learned indexer picks the top-k keys (or key blocks) each query reads, a key "
+        "selection headsteer's per-head K/V ablation does not model")
 _POSITION_MASK = ("image positions are marked by image_embeds_position_mask, not by one image token id "
                   "(the processor writes a different placeholder id at each image position)")
 # Their generation step recomputes positions from the cache length, padding included (a tiny EXAONE 4.5
@@ -136,6 +137,8 @@ REFUSED = {
     "dots3_note": _MLA,
     "mistral_large4": _DSA,
     "glm5_next": _DSA,
+    "minimax_m3_vl": _DSA,
+    "qwen4_exp": _DSA,
     "mistral4": ("transformers maps it to Mistral4ForCausalLM, a text-only model: no vision tower and no pixel inputs, "
                  "so no image positions"),
     "apertus1p5": _VQ,
