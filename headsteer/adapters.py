@@ -73,6 +73,7 @@ FAMILIES = {
     "lfm3_vl": "LFM3-VL (hybrid)",
     "minicpmv4_6": "MiniCPM-V 4.6 (hybrid Qwen3.5 text: gated delta-net + attention layers; 1D positions)",
     "minicpm_ocr": "MiniCPM-OCR (MiniCPM-V 4.6's model, 4x downsampling)",
+    "minicpmv4_7": "MiniCPM-V 4.7 (as 4.6, with canvas 3D RoPE computed from the token layout)",
     "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 
@@ -167,7 +168,7 @@ _PREPENDS_IMAGE = ("blip-2", "instructblip")
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
 # cached steps, so headsteer passes no position ids.
-OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "minicpmv4_7", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
                  "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}

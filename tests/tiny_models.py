@@ -508,6 +508,21 @@ def _minicpmv4_6(batch, ocr=False):
                   insert_layer_id=0, **extra)
 
 
+def _minicpmv4_7(batch):
+    """MiniCPM-V 4.7: MiniCPM-V 4.6's model (8x8 patches -> 4 image tokens, packed pixels, hybrid text)
+    with canvas 3D RoPE laid out from the <image>...</image> markers around each crop."""
+    import transformers as tf
+
+    text = dict(TEXT, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "full_attention"], **LINEAR_ATTN,
+                rope_parameters=dict(ROPE3D, mrope_interleaved=True))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=2, image_size=16)
+    cfg = tf.MiniCPMV4_7Config(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=87, insert_layer_id=0,
+                               image_size=16, image_start_id=88, image_end_id=89, slice_start_id=85, slice_end_id=86, newline_id=84)
+    ids, am = _ids(6, batch, pre=torch.cat([torch.tensor([88]), torch.full((4,), IMG), torch.tensor([89])]))
+    return tf.MiniCPMV4_7ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(1, 3, 2, 2 * 64 * batch),
+                                                            target_sizes=torch.tensor([[8, 8]] * batch), mm_token_type_ids=(ids == IMG).long())
+
+
 def _lfm3_vl(batch):
     import transformers as tf
 
@@ -627,10 +642,11 @@ BUILDERS = {
     "lfm3_vl": _lfm3_vl,
     "minicpmv4_6": _minicpmv4_6,
     "minicpm_ocr": lambda b: _minicpmv4_6(b, ocr=True),
+    "minicpmv4_7": _minicpmv4_7,
     # MoE text model with chunked-attention and NoPE layers
     "llama4": _llama4,
 }
-HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr"}
+HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr", "minicpmv4_7"}
 
 
 # -- cross-attention families: the text reads the image only through cross-attention layers ---------
