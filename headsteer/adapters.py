@@ -29,6 +29,7 @@ FAMILIES = {
     "qwen3_vl": "Qwen3-VL",
     "cosmos3_omni": "Cosmos3 (understanding path; Qwen3-VL layout)",
     "cosmos3_edge": "Cosmos3 Edge (SigLIP2 vision, Qwen2-VL 3D RoPE layout)",
+    "cohere_compass": "Cohere North Vision (Qwen3-VL layout, Cohere 2 text with sliding-window layers)",
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",
     "granite_docling": "Granite-Docling (Idefics3 layout, DeepStack features added at image positions, Granite text)",
@@ -168,7 +169,7 @@ _PREPENDS_IMAGE = ("blip-2", "instructblip")
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
 # cached steps, so headsteer passes no position ids.
-OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "minicpmv4_7", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "minicpmv4_7", "cohere_compass", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
                  "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}

@@ -422,6 +422,16 @@ def _cosmos3_edge(batch):
                   vision, patch=(3 * 4 * 4,), projector_hidden_size=64)
 
 
+def _cohere_compass(batch):
+    """Cohere North Vision: Qwen3-VL's vision and 3D RoPE (per layer type), Cohere 2 text, layer 0
+    sliding-window."""
+    import transformers as tf
+
+    rope = dict(ROPE3D, mrope_interleaved=True)
+    text = dict(TEXT, **WINDOWED, rope_parameters={"sliding_attention": rope, "full_attention": rope}, logit_scale=1.0)
+    return _mrope(tf.CohereCompassForConditionalGeneration, tf.CohereCompassConfig, batch, text, dict(QWEN3_VISION))
+
+
 def _qwen3_vl_moe(batch):
     import transformers as tf
 
@@ -631,6 +641,7 @@ BUILDERS = {
     "glm4v_moe": lambda b: _glm4v(b, "glm4v_moe"),
     "qwen3_vl_moe": _qwen3_vl_moe,
     "cosmos3_edge": _cosmos3_edge,
+    "cohere_compass": _cohere_compass,
     "ernie4_5_vl_moe": _ernie4_5_vl_moe,
     "paddleocr_vl": _paddleocr_vl,
     "qwen2_5_omni_thinker": lambda b: _omni_thinker(b, "qwen2_5_omni_thinker"),
