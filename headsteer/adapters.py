@@ -52,6 +52,7 @@ FAMILIES = {
     "janus": "Janus (understanding path)",
     "ovis2": "Ovis2",
     "aria": "Aria (MoE text model)",
+    "muse_glimmer": "Muse Glimmer (gated attention, sliding-window layers)",
     "fuyu": "Fuyu (patches fed straight to the decoder)",
     "cohere2_vision": "Command A Vision (sliding window)",
     "shieldgemma2": "ShieldGemma 2",
