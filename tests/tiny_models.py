@@ -263,19 +263,28 @@ def _video_llama_3(batch):
                   text_config=tf.Qwen2Config(**TEXT), vision_config=vision, image_token_id=IMG, video_token_id=87)
 
 
-def _muse_glimmer(batch):
+def _muse_glimmer(batch, spark=False):
     """Muse Glimmer: 16 flattened 4x4 patches (2 frames) pixel-shuffled 2x2 into 4 image tokens; text with
-    per-head sigmoid output gates, layer 0 sliding-window, neutral scale factors."""
+    per-head sigmoid output gates, layer 0 sliding-window, neutral scale factors. Muse Spark: the same
+    with a per-head output norm, a MoE layer 1 and a (tiny, unused) audio tower."""
     import transformers as tf
 
     text = dict(TEXT, **WINDOWED, final_logit_softcapping=30.0, qk_scale_factor=1.0, output_multiplier=1.0)
+    extra = {}
+    if spark:
+        text.update(moe_intermediate_size=16, num_local_experts=2, num_experts_per_tok=1, moe_hidden_size=16,
+                    mlp_layer_types=["dense", "sparse"])
+        extra = dict(audio_config=dict(patch_sizes=[2, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=32),
+                     audio_token_id=86)
     vision = dict(patch_size=4, pos_emb_height=4, pos_emb_width=4, pos_emb_time=1, num_attention_heads=2, num_hidden_layers=1,
                   hidden_size=32, intermediate_size=64, max_position_embeddings=16)
 
     def pixels(b):
         return dict(pixel_values=torch.randn(b * 16, 2 * 3 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]] * b))
-    return _plain(tf.MuseGlimmerForConditionalGeneration, tf.MuseGlimmerConfig, 4, batch, pixels, text_config=text, vision_config=vision,
-                  image_token_id=IMG, video_token_id=87, out_hidden_size=128, projector_hidden_size=32)
+    Model, Cfg = ((tf.MuseSparkForConditionalGeneration, tf.MuseSparkConfig) if spark else
+                  (tf.MuseGlimmerForConditionalGeneration, tf.MuseGlimmerConfig))
+    return _plain(Model, Cfg, 4, batch, pixels, text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=87,
+                  out_hidden_size=128, projector_hidden_size=32, **extra)
 
 
 def _idefics2(batch):
@@ -643,6 +652,7 @@ BUILDERS = {
     "ovis2": _ovis2,
     "aria": _aria,
     "muse_glimmer": _muse_glimmer,
+    "muse_spark": lambda b: _muse_glimmer(b, spark=True),
     "fuyu": _fuyu,
     "cohere2_vision": _cohere2_vision,
     "shieldgemma2": _shieldgemma2,
