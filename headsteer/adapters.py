@@ -120,6 +120,9 @@ _POSITION_MASK = ("image positions are marked by image_embeds_position_mask, not
 # fails the cached-generation invariant under ablation).
 _GEN_POSITIONS = ("transformers 5.24's prepare_inputs_for_generation drops position_ids, so the decoding steps of a "
                   "left-padded batch count the padding while the prompt's positions do not; not supported yet")
+# Per-layer head geometry: headsteer numbers heads as one [layers x heads] grid of one head size.
+_PER_LAYER_HEADS = ("its sliding-window layers can have another number of query heads{} than its full-attention "
+                    "layers, and headsteer numbers heads as one [layers x heads] grid")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -155,6 +158,10 @@ REFUSED = {
                    "supported yet"),
     "exaone4_5": _GEN_POSITIONS,
     "hyperclovax_vision_v2": _GEN_POSITIONS,
+    "step3p7": _PER_LAYER_HEADS.format(" (num_sliding_attention_heads)"),
+    "inkling_mm_model": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
+    "inkling2": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
+    "inkling2_loop": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "

@@ -149,7 +149,7 @@ def test_readme_supported_models_lists_every_family_and_the_counts():
 
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
                                         ("instructblipvideo", "into its Q-Former"), ("fast_vlm", "timm"), ("pi0", "no answer token"),
-                                        ("diffusion_gemma", "block-diffusion"), ("evolla", "protein"), ("kimi_k25", "latent attention"), ("mistral_large4", "indexer"), ("mistral4", "text-only"), ("kosmos-2", "image_embeds_position_mask"),
+                                        ("diffusion_gemma", "block-diffusion"), ("evolla", "protein"), ("kimi_k25", "latent attention"), ("mistral_large4", "indexer"), ("mistral4", "text-only"), ("inkling2", "swa_head_dim"), ("kosmos-2", "image_embeds_position_mask"),
                                         ("unlimited_ocr", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json
