@@ -123,6 +123,9 @@ _GEN_POSITIONS = ("transformers 5.24's prepare_inputs_for_generation drops posit
 # Per-layer head geometry: headsteer numbers heads as one [layers x heads] grid of one head size.
 _PER_LAYER_HEADS = ("its sliding-window layers can have another number of query heads{} than its full-attention "
                     "layers, and headsteer numbers heads as one [layers x heads] grid")
+_GLOBAL_HEAD_DIM = ("its full-attention layers have another head size (global_head_dim) and can have another number of "
+                    "KV heads than its sliding-window layers, and headsteer numbers heads as one [layers x heads] grid "
+                    "of one head size")
 _CROSS = ("image information reaches the text through cross-attention layers, not through image positions; "
           "cross-attention head ablation is built for mllama and idefics only so far")
 REFUSED = {
@@ -162,6 +165,9 @@ REFUSED = {
     "inkling_mm_model": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
     "inkling2": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
     "inkling2_loop": _PER_LAYER_HEADS.format(" and head size (swa_num_attention_heads, swa_head_dim)"),
+    "gemma4": _GLOBAL_HEAD_DIM,
+    "gemma4_unified": _GLOBAL_HEAD_DIM,
+    "gemma3n": _TIMM,
     "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
