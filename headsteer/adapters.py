@@ -53,6 +53,7 @@ FAMILIES = {
     "ovis2": "Ovis2",
     "aria": "Aria (MoE text model)",
     "muse_glimmer": "Muse Glimmer (gated attention, sliding-window layers)",
+    "molmo2": "Molmo2 (pooled patch tokens; image tokens attend to each other bidirectionally)",
     "muse_spark": "Muse Spark (image input; as Muse Glimmer with per-head output norm, MoE text model)",
     "fuyu": "Fuyu (patches fed straight to the decoder)",
     "cohere2_vision": "Command A Vision (sliding window)",

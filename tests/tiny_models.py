@@ -287,6 +287,28 @@ def _muse_glimmer(batch, spark=False):
                   out_hidden_size=128, projector_hidden_size=32, **extra)
 
 
+def _molmo2(batch):
+    """Molmo2: one 16x16 crop per image (16 patches of 4x4), pooled 2x2 into 4 image tokens; the pooling
+    indices count patches over the whole batch. Image tokens attend to each other bidirectionally.
+    Vision and adapter initialised wider (0.3): at 0.02 the tiny image features are ~1e-9."""
+    import transformers as tf
+
+    text = dict({k: v for k, v in TEXT.items() if k != "max_position_embeddings"}, additional_vocab_size=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                  image_size=[16, 16], patch_size=4, num_position_embeddings=16, initializer_range=0.3)
+    adapter = dict(vision_feature_layer=[-1], hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                   text_hidden_size=32, initializer_range=0.3)
+    cfg = tf.Molmo2Config(text_config=text, vision_config=vision, adapter_config=adapter, image_patch_id=IMG, image_start_token_id=88,
+                          image_end_token_id=89, low_res_image_start_token_id=87, frame_start_token_id=86, frame_end_token_id=85)
+    local = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])  # 2x2 windows of the 4x4 patch grid
+    ids, am = _ids(4, batch)
+    return tf.Molmo2ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 1, 16, 48),
+                                                       image_token_pooling=torch.cat([local + 16 * b for b in range(batch)]),
+                                                       image_grids=torch.tensor([[2, 2, 0, 0]] * batch),
+                                                       image_num_crops=torch.tensor([1] * batch), mm_token_type_ids=(ids == IMG).long())
+
+
 def _idefics2(batch):
     import transformers as tf
 
@@ -652,6 +674,7 @@ BUILDERS = {
     "ovis2": _ovis2,
     "aria": _aria,
     "muse_glimmer": _muse_glimmer,
+    "molmo2": _molmo2,
     "muse_spark": lambda b: _muse_glimmer(b, spark=True),
     "fuyu": _fuyu,
     "cohere2_vision": _cohere2_vision,
@@ -785,6 +808,13 @@ def alone_row(family, inputs, b):
             widths = (inputs["target_sizes"].prod(-1) * v.shape[-2]).tolist()  # patches x patch width (square patches)
             start = sum(widths[:b])
             out[k] = v[..., start : start + widths[b]]
+        elif k == "image_token_pooling":  # Molmo2: per image token, indices into the batch's patches
+            grids = inputs["image_grids"]
+            tokens = (grids[:, 0] * grids[:, 1] + grids[:, 2] * grids[:, 3]).tolist()
+            patches = inputs["pixel_values"].shape[1] * inputs["pixel_values"].shape[2]  # crops x patches per image
+            start = sum(tokens[:b])
+            rows = v[start : start + tokens[b]]
+            out[k] = torch.where(rows >= 0, rows - b * patches, rows)  # -1 marks a padding slot
         elif torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == inputs["input_ids"].shape[0]:
             out[k] = v[b : b + 1]
         else:
