@@ -14,7 +14,8 @@ GQA_FAMILIES = sorted(set(BUILDERS) - MHA)
 # cached generation == a full uncached forward, one family per mechanism: plain rotary, 3D rotary,
 # sliding windows shorter than the prompt (gemma3, cohere2_vision), fused QKV without GQA (fuyu),
 # hybrid stacks (qwen3_5: 3D RoPE + gated delta-net; lfm3_vl: convolutions + sliding window)
-CACHED = ["llava", "qwen2_vl", "glm4v", "qwen2_5_omni_thinker", "gemma3", "cohere2_vision", "fuyu", "qwen3_5", "lfm3_vl"]
+CACHED = ["llava", "qwen2_vl", "glm4v", "qwen2_5_omni_thinker", "gemma3", "cohere2_vision", "fuyu", "qwen3_5", "lfm3_vl",
+          "molmo2", "muse_glimmer", "cosmos3_edge", "minicpmv4_6"]
 
 
 def last_logits(model, inputs):
