@@ -18,6 +18,7 @@ from headsteer.attribution.engine import naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline, make_baseline
 from headsteer.cli import main
 from headsteer.edit import EditManifest, apply_edit, export
+from test_intervene import assert_restored, last_logits
 from test_processors import _template, image, make_tokenizer
 from tiny_models import IDEFICS_KEYS, IMG, MLLAMA_KEYS, VOCAB, alone_row, idefics_image_mask, mllama_cross_mask, other_pixels, tiny
 
@@ -26,11 +27,6 @@ KEYS = {"mllama": MLLAMA_KEYS, "idefics": IDEFICS_KEYS}  # cross-attention keys 
 # hidden states (embeddings, then each decoder layer's output) that come before the second cross-attention
 # layer: mllama's is decoder layer 3, IDEFICS's second gated block runs before decoder layer 2
 BEFORE_L1 = {"mllama": 4, "idefics": 3}
-
-
-def last_logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits[:, -1]
 
 
 def random_baseline(ad, seed=3):
@@ -109,9 +105,7 @@ def test_noop_is_identical_and_model_restored(family, batch):
                 assert torch.equal(ref, model(**inputs).logits)
     assert torch.equal(ref, empty) and torch.equal(ref, scaled)
     assert ad.text_config._attn_implementation == "sdpa"
-    assert not hasattr(model, "_headsteer_state")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert_restored(model, before)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

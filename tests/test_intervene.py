@@ -23,6 +23,13 @@ def last_logits(model, inputs):
         return model(**inputs).logits[:, -1]
 
 
+def assert_restored(model, before):
+    """No session, weights as ``before`` (a state-dict copy), no pre-hooks left behind."""
+    assert not hasattr(model, "_headsteer_state")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
 def mean_like_baseline(model, inputs):
     """A non-trivial baseline: the K/V of another image (exercises the replacement path)."""
     ad = get_adapter(model)
@@ -46,9 +53,7 @@ def test_noop_is_identical_and_model_restored(family):
     assert torch.equal(ref, out)
     assert torch.equal(ref, scaled)
     assert model.config.get_text_config()._attn_implementation == impl
-    assert not hasattr(model, "_headsteer_state")
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert_restored(model, before)
 
 
 @pytest.mark.parametrize("family", ATTENTION_ONLY)

@@ -236,12 +236,8 @@ def test_all_heads_ablated_answer_ignores_the_image(built, request):
         torch.testing.assert_close(last_logits(model, a), last_logits(model, b), atol=1e-5, rtol=0)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(built):
-    family, model, ad = built
-    # images of one size: a baseline replaces image positions by ordinal, so every row needs as many
-    images, questions = [image(0, SIZES[0]), image(1, SIZES[0])], [Q_LONG, Q_SHORT]
-    batch = ad.encode(images, questions)
-    assert not batch["attention_mask"].all()  # the prompts differ in length: one row is padded
+def assert_rows_equal_alone(model, ad, batch, images, questions):
+    """Under a different random ablation per row, each row of ``batch`` equals its prompt alone."""
     masks = torch.rand(2, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
     base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
     with intervene(model, ablate=masks, baseline=base):
@@ -250,6 +246,15 @@ def test_left_padded_batch_equals_each_prompt_alone(built):
         with intervene(model, ablate=masks[i : i + 1], baseline=base):
             alone = last_logits(model, ad.encode([images[i]], [questions[i]]))
         torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(built):
+    family, model, ad = built
+    # images of one size: a baseline replaces image positions by ordinal, so every row needs as many
+    images, questions = [image(0, SIZES[0]), image(1, SIZES[0])], [Q_LONG, Q_SHORT]
+    batch = ad.encode(images, questions)
+    assert not batch["attention_mask"].all()  # the prompts differ in length: one row is padded
+    assert_rows_equal_alone(model, ad, batch, images, questions)
 
 
 MULTI_IMAGE = {"llava", "llava_next", "idefics3", "gemma3", "llama4"}  # processors that take several images in one prompt
@@ -315,14 +320,7 @@ def test_blip_layout_image_first_then_a_padding_gap(family):
     for b, q in enumerate(questions):
         assert tok.convert_ids_to_tokens(ids[b][groups["last"][b]].tolist()) == [q.split()[-1]]
         assert tok.convert_ids_to_tokens(ids[b][groups["question"][b]].tolist()) == q.split()[:-1]
-    masks = torch.rand(2, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
-    base = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
-    with intervene(model, ablate=masks, baseline=base):
-        batched = last_logits(model, batch)
-    for i in range(2):
-        with intervene(model, ablate=masks[i : i + 1], baseline=base):
-            alone = last_logits(model, ad.encode([images[i]], [questions[i]]))
-        torch.testing.assert_close(batched[i : i + 1], alone, atol=1e-5, rtol=1e-4)
+    assert_rows_equal_alone(model, ad, batch, images, questions)
 
 
 @pytest.mark.parametrize("family", BLIP)
