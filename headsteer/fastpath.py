@@ -90,7 +90,8 @@ class Prefix:
         (mask, query head in group, suffix position) whose head is ablated, first, padded with rows
         that are not — ``rows`` int64 [L, Hkv, N] and ``valid`` bool [L, Hkv, N] on ``device``.
 
-        Worked out once per batch on the host (no device sync inside the layers) and sent in one copy."""
+        Worked out once per batch on the host (no device sync inside the layers) and sent to the
+        device once per batch, not once per layer."""
         held, got = self._rows
         if held is ablate and got[0] == (M, Hkv, s, str(device)):
             return got[1]
