@@ -19,7 +19,7 @@ from headsteer.baseline import TensorBaseline, ZeroBaseline, make_baseline
 from headsteer.cli import main
 from headsteer.edit import EditManifest, apply_edit, export
 from test_intervene import assert_restored, last_logits
-from test_processors import _template, image, make_tokenizer
+from tiny_processors import image, make_tokenizer, template
 from tiny_models import IDEFICS_KEYS, IMG, MLLAMA_KEYS, VOCAB, alone_row, idefics_image_mask, mllama_cross_mask, other_pixels, tiny
 
 FAMILIES = FAMILIES_TESTED = ["mllama", "idefics"]
@@ -45,7 +45,7 @@ def processor(family="mllama"):
         return tf.IdeficsProcessor(IdeficsImageProcessorPil(image_size=16), tok)
     tok = make_tokenizer({"image_token": "<|image|>"}, specials=("<|python_tag|>",), ids={"<|image|>": IMG})
     return tf.MllamaProcessor(MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=2), tok,
-                              chat_template=_template("USER: ", " ", "ASSISTANT:", "<|image|>"))
+                              chat_template=template("USER: ", " ", "ASSISTANT:", "<|image|>"))
 
 
 def image_mask(family, ids):
