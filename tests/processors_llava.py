@@ -3,9 +3,10 @@ Vision, VipLLaVA, LLaVA-NeXT-Video, Video-LLaVA, Aya Vision, InternVL, Qianfan-O
 LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
 import torch
 import transformers as tf
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from tiny_models import IMG, SIGLIP, TEXT
+from tiny_models import CLIP, IMG, SIGLIP, TEXT
 from tiny_processors import ProcessorSpec, make_tokenizer, template
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # anyres: a wide image gets two 32x32 tiles besides the base view
@@ -49,7 +50,39 @@ def _llava_onevision():
                                                                 vision_feature_select_strategy="full", chat_template=CHATML)
 
 
+def _granite4_vision_model():
+    """tests/tiny_models.py's Granite 4 Vision with three anyres pinpoints (a wide image gets two tiles)."""
+    text = dict(TEXT, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=0.125)
+    qformer = dict(num_hidden_layers=1, intermediate_size=64, cross_attention_frequency=1, max_position_embeddings=64,
+                   use_qformer_text_input=False)
+    cfg = tf.Granite4VisionConfig(text_config=text, vision_config=dict(CLIP, hidden_size=64, num_hidden_layers=2), qformer_config=qformer,
+                                  image_token_index=IMG, image_grid_pinpoints=PINPOINTS, downsample_rate="1/2",
+                                  deepstack_layer_map=[[0, 0], [1, 1]], spatial_target_layers=[0, 1, 0, 1], vision_feature_layer=-1,
+                                  projector_dropout=0.0)
+    torch.manual_seed(0)
+    return tf.Granite4VisionForConditionalGeneration(cfg).eval()
+
+
+def _granite4_vision():
+    # LLaVA-NeXT's image processor; the Q-Former halves each side: 2x2 base tokens + the unpadded tile grid with newlines
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    tok = make_tokenizer({"image_token": "<image>"}, ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"))
+    return tf.Granite4VisionProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                      downsample_rate="1/2",
+                                      chat_template=template("<|start_of_role|>user<|end_of_role|>", "<|end_of_text|>\n",
+                                                             "<|start_of_role|>assistant<|end_of_role|>", "<image>\n"))
+
+
+def _granite4_vision_features(model, inputs):
+    """Image tokens per image: get_image_features returns per-layer DeepStack features, each a list per image."""
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    return [len(x) for x in out.deepstack_features[0][1]]
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
+    "granite4_vision": ProcessorSpec(_granite4_vision, (["<|start_of_role|>", "assistant"], "<|end_of_role|>"), multi_image=True,
+                                     tiles=True, model=_granite4_vision_model, feature_counts=_granite4_vision_features),
 }
