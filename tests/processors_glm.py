@@ -1,4 +1,69 @@
-"""Real processors of more families on their tiny models (filled in by issue 10's processor work)."""
-from tiny_processors import ProcessorSpec
+"""Real processors of the GLM-4.xV families (and more 3D-RoPE / packed-pixel families) on their tiny models."""
+from __future__ import annotations
 
-SPECS: dict[str, ProcessorSpec] = {}
+from unittest import mock
+
+import transformers as tf
+from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+from transformers.models.glmga.image_processing_pil_glmga import GlmgaImageProcessorPil
+
+from tiny_models import IMG
+from tiny_processors import ProcessorSpec, make_tokenizer, template
+
+
+def without_video_processor(cls, image_processor, tokenizer, **kw):
+    """``cls(image_processor, tokenizer, video_processor=None, **kw)``, the real processor class.
+
+    Its video processors need torchvision, and ProcessorMixin's class check of the ``None`` video
+    processor fails without torchvision (it looks the base class ``VideoProcessorMixin`` up among
+    transformers' video-processor mappings, which are dummies then): only that check is skipped, for
+    the ``None`` video processor and while constructing; the image path does not use it."""
+    check = tf.ProcessorMixin.check_argument_for_proper_class
+
+    def lenient(self, name, arg):
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    with mock.patch.object(cls, "check_argument_for_proper_class", lenient):
+        return cls(image_processor, tokenizer, video_processor=None, **kw)
+
+
+# -- GLM-4.1V / 4.5V / 4.6V / GLM-OCR / glmga: [gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>... -------
+# The processor expands <|image|> into one token per 2x2 merged patch group (dynamic resolution:
+# a 32x16 image -> 8 tokens, 16x16 -> 4); the tiny configs' image start/end ids are 88/89.
+GLM_IDS = {"<|image|>": IMG, "<|begin_of_image|>": 88, "<|end_of_image|>": 89, "<|video|>": 87}
+GLM_SPECIALS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<think>", "</think>", *GLM_IDS)
+GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
+# GLM-4.1V-Thinking ends the prompt with <|assistant|>\n; GLM-4.5V/4.6V with thinking off
+# (enable_thinking=False) with <|assistant|>\n<think></think>
+GLM_TEMPLATE = template("[gMASK]<sop><|user|>\n", "", "<|assistant|>\n", GLM_IMAGE)
+GLM_NOTHINK_TEMPLATE = template("[gMASK]<sop><|user|>\n", "", "<|assistant|>\n<think></think>", GLM_IMAGE)
+GLM_SIZES = ((32, 16), (16, 16))
+# patch 4, merge 2: images resize to multiples of 8; min/max pixels count the 2 temporal copies
+GLM_IP = dict(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 2 * 8 * 8, "longest_edge": 2 * 64 * 64})
+
+
+def _glm(processor_cls, image_processor_cls, chat_template):
+    def make():
+        tok = make_tokenizer(specials=GLM_SPECIALS, ids=GLM_IDS)
+        return without_video_processor(processor_cls, image_processor_cls(**GLM_IP), tok, chat_template=chat_template)
+    return make
+
+
+GLM_AROUND = ["[gMASK]", "<sop>", "<|begin_of_image|>", "<|end_of_image|>"]
+
+
+def _glm_spec(processor_cls, image_processor_cls, chat_template):
+    role = ([], "<|assistant|>") if chat_template is GLM_TEMPLATE else (["<|assistant|>", "<think>"], "</think>")
+    return ProcessorSpec(_glm(processor_cls, image_processor_cls, chat_template), role, GLM_AROUND, multi_image=True, tiles=True,
+                         sizes=GLM_SIZES)
+
+
+SPECS: dict[str, ProcessorSpec] = {
+    "glm4v": _glm_spec(tf.Glm4vProcessor, Glm4vImageProcessorPil, GLM_TEMPLATE),
+    "glm4v_moe": _glm_spec(tf.Glm4vProcessor, Glm4vImageProcessorPil, GLM_NOTHINK_TEMPLATE),  # GLM-4.5V: transformers' Glm4vProcessor
+    "glm46v": _glm_spec(tf.Glm46VProcessor, Glm46VImageProcessorPil, GLM_NOTHINK_TEMPLATE),
+    "glmga": _glm_spec(tf.Glm46VProcessor, GlmgaImageProcessorPil, GLM_NOTHINK_TEMPLATE),  # glmga runs GLM-4.6V's classes
+    "glm_ocr": _glm_spec(tf.Glm46VProcessor, Glm46VImageProcessorPil, GLM_TEMPLATE),
+}
