@@ -3,6 +3,7 @@ Vision, VipLLaVA, LLaVA-NeXT-Video, Video-LLaVA, Aya Vision, InternVL, Qianfan-O
 LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
 import torch
 import transformers as tf
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
@@ -80,9 +81,19 @@ def _granite4_vision_features(model, inputs):
     return [len(x) for x in out.deepstack_features[0][1]]
 
 
+def _vipllava():
+    # LlavaProcessor (the checkpoints name it) with a CLIP image processor; the turns of the checkpoints'
+    # prompt "###Human: <image>\n{question}###Assistant:" (its system sentence left out: words the tiny tokenizer lacks)
+    tok = make_tokenizer({"image_token": "<image>"}, ("###", "Human"))
+    return tf.LlavaProcessor(CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tok,
+                             patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                             chat_template=template("###Human: ", "", "###Assistant:", "<image>\n"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
     "granite4_vision": ProcessorSpec(_granite4_vision, (["<|start_of_role|>", "assistant"], "<|end_of_role|>"), multi_image=True,
                                      tiles=True, model=_granite4_vision_model, feature_counts=_granite4_vision_features),
+    "vipllava": ProcessorSpec(_vipllava, (["###", "Assistant"], ":"), multi_image=True),
 }
