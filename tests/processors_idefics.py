@@ -5,6 +5,7 @@ from unittest import mock
 
 import transformers as tf
 import transformers.processing_utils as processing_utils
+from transformers.models.granite_docling.image_processing_pil_granite_docling import GraniteDoclingImageProcessorPil
 from transformers.models.smolvlm import processing_smolvlm
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
@@ -36,7 +37,20 @@ def _smolvlm():
                                    chat_template=template("<|im_start|>User:", "<end_of_utterance>\n", "Assistant:", "<image>"))
 
 
+def _granite_docling():
+    tok = make_tokenizer(specials=("<image>", "<fake_token_around_image>", "<global-img>", "<|start_of_role|>", "<|end_of_role|>",
+                                   "<|end_of_text|>", *IDEFICS3_ROWS))
+    # 32x32 tiles on the grid closest to the image's aspect (at most 4), plus a thumbnail when split;
+    # a one-tile image gets neither the thumbnail nor a closing <fake_token_around_image>
+    ip = GraniteDoclingImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4)
+    return tf.GraniteDoclingProcessor(ip, tok, image_seq_len=4, chat_template=template(
+        "<|start_of_role|>user<|end_of_role|>", "<|end_of_text|>\n", "<|start_of_role|>assistant<|end_of_role|>", "<image>"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "smolvlm": ProcessorSpec(_smolvlm, (["Assistant"], ":"), ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>",
                                                                "<row_1_col_2>"], multi_image=True, tiles=True),
+    "granite_docling": ProcessorSpec(_granite_docling, (["<|start_of_role|>", "assistant"], "<|end_of_role|>"),
+                                     ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_1_col_3>"],
+                                     multi_image=True, tiles=True),
 }
