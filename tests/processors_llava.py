@@ -7,6 +7,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from processors_core import LLAVA_TEMPLATE
 from tiny_models import CLIP, IMG, SIGLIP, TEXT
 from tiny_processors import ProcessorSpec, make_tokenizer, template
 
@@ -90,10 +91,26 @@ def _vipllava():
                              chat_template=template("###Human: ", "", "###Assistant:", "<image>\n"))
 
 
+def _llava_next_video_model():
+    cfg = tf.LlavaNextVideoConfig(vision_config=tf.CLIPVisionConfig(**CLIP), text_config=tf.LlamaConfig(**TEXT), image_token_index=IMG,
+                                  video_token_index=VIDEO, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1, image_seq_length=16)
+    torch.manual_seed(0)
+    return tf.LlavaNextVideoForConditionalGeneration(cfg).eval()
+
+
+def _llava_next_video():
+    # images as LLaVA-NeXT (anyres tiles, CLS dropped); the checkpoints' Vicuna turns (USER: ... ASSISTANT:)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
+    tok = make_tokenizer({"image_token": "<image>", "video_token": "<video>"}, ids={"<image>": IMG, "<video>": VIDEO})
+    return without_video_processor(tf.LlavaNextVideoProcessor)(None, ip, tok, chat_template=LLAVA_TEMPLATE, patch_size=8,
+                                                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
     "granite4_vision": ProcessorSpec(_granite4_vision, (["<|start_of_role|>", "assistant"], "<|end_of_role|>"), multi_image=True,
                                      tiles=True, model=_granite4_vision_model, feature_counts=_granite4_vision_features),
     "vipllava": ProcessorSpec(_vipllava, (["###", "Assistant"], ":"), multi_image=True),
+    "llava_next_video": ProcessorSpec(_llava_next_video, (["ASSISTANT"], ":"), multi_image=True, tiles=True, model=_llava_next_video_model),
 }
