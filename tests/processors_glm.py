@@ -67,3 +67,32 @@ SPECS: dict[str, ProcessorSpec] = {
     "glmga": _glm_spec(tf.Glm46VProcessor, GlmgaImageProcessorPil, GLM_NOTHINK_TEMPLATE),  # glmga runs GLM-4.6V's classes
     "glm_ocr": _glm_spec(tf.Glm46VProcessor, Glm46VImageProcessorPil, GLM_TEMPLATE),
 }
+
+
+# -- ERNIE 4.5 VL: <|begin_of_sentence|>User: Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>...\nAssistant: ------
+# The processor also returns moe_mm_token_type_ids (image start/end tokens count as image for the MoE
+# routing) besides mm_token_type_ids (image tokens only, for the 3D RoPE index).
+ERNIE_NAMED = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>", "image_end_token": "<|IMAGE_END|>",
+               "video_token": "<|VIDEO_PLACEHOLDER|>", "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
+# the real template numbers the images ("Picture 1:", "Picture 2:") and, with thinking off (its
+# default), ends the generation prompt with <think>\n\n</think>\n\n
+ERNIE_TEMPLATE = ("{% set n = namespace(images=0) %}<|begin_of_sentence|>{% for m in messages %}User: "
+                  "{% for c in m['content'] %}{% if c['type'] == 'image' %}{% set n.images = n.images + 1 %}"
+                  "Picture {{ n.images }}:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>"
+                  "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '\\nAssistant: <think>\\n\\n</think>\\n\\n' }}{% endif %}")
+
+
+def _ernie4_5_vl_moe():
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import Ernie4_5_VLMoeImageProcessorPil
+
+    tok = make_tokenizer(ERNIE_NAMED, ("<|begin_of_sentence|>", "<think>", "</think>", "Picture", "1", "2"),
+                         ids={"<|IMAGE_PLACEHOLDER|>": IMG, "<|IMAGE_START|>": 88, "<|IMAGE_END|>": 89, "<|VIDEO_PLACEHOLDER|>": 87})
+    # patch 4, merge 2 (no temporal copies for images): a 32x16 image -> 8 tokens, 16x16 -> 4
+    ip = Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
+    return without_video_processor(tf.Ernie4_5_VLMoeProcessor, ip, tok, chat_template=ERNIE_TEMPLATE)
+
+
+SPECS["ernie4_5_vl_moe"] = ProcessorSpec(_ernie4_5_vl_moe, (["Assistant", ":", "<think>"], "</think>"),
+                                         ["<|begin_of_sentence|>", "Picture", "<|IMAGE_START|>", "<|IMAGE_END|>"],
+                                         multi_image=True, tiles=True, sizes=GLM_SIZES)
