@@ -4,6 +4,7 @@ LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
 import torch
 import transformers as tf
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
@@ -12,7 +13,7 @@ from tiny_models import CLIP, IMG, SIGLIP, TEXT
 from tiny_processors import ProcessorSpec, make_tokenizer, template
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # anyres: a wide image gets two 32x32 tiles besides the base view
-VIDEO = 91  # the video token id of the tiny models built here
+VIDEO = 89  # the video token id of the tiny video models (tests/tiny_models.py)
 CHATML = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<image>\n")  # Qwen2 turns
 
 
@@ -106,6 +107,14 @@ def _llava_next_video():
                                                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
+def _video_llava():
+    # its own image processor (numpy, no torchvision) gives pixel_values_images; Vicuna turns as the checkpoints'
+    ip = VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tok = make_tokenizer({"image_token": "<image>", "video_token": "<video>"}, ids={"<image>": IMG, "<video>": VIDEO})
+    return without_video_processor(tf.VideoLlavaProcessor)(ip, None, tok, patch_size=8, vision_feature_select_strategy="default",
+                                                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
@@ -113,4 +122,5 @@ SPECS: dict[str, ProcessorSpec] = {
                                      tiles=True, model=_granite4_vision_model, feature_counts=_granite4_vision_features),
     "vipllava": ProcessorSpec(_vipllava, (["###", "Assistant"], ":"), multi_image=True),
     "llava_next_video": ProcessorSpec(_llava_next_video, (["ASSISTANT"], ":"), multi_image=True, tiles=True, model=_llava_next_video_model),
+    "video_llava": ProcessorSpec(_video_llava, (["ASSISTANT"], ":"), multi_image=True),
 }
