@@ -96,3 +96,25 @@ def _ernie4_5_vl_moe():
 SPECS["ernie4_5_vl_moe"] = ProcessorSpec(_ernie4_5_vl_moe, (["Assistant", ":", "<think>"], "</think>"),
                                          ["<|begin_of_sentence|>", "Picture", "<|IMAGE_START|>", "<|IMAGE_END|>"],
                                          multi_image=True, tiles=True, sizes=GLM_SIZES)
+
+
+# -- PaddleOCR-VL: <|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>question\nAssistant: -----------
+# (its real template puts every image of a turn before its text and ends the user turn with "\n")
+PADDLE_TEMPLATE = ("<|begin_of_sentence|>{% for m in messages %}User: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                   "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{% endif %}{% endfor %}"
+                   "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+
+
+def _paddleocr_vl():
+    from transformers.models.paddleocr_vl.image_processing_pil_paddleocr_vl import PaddleOCRVLImageProcessorPil
+
+    tok = make_tokenizer({"image_token": "<|IMAGE_PLACEHOLDER|>"}, ("<|begin_of_sentence|>", "<|end_of_sentence|>", "<|IMAGE_START|>", "<|IMAGE_END|>"),
+                         ids={"<|IMAGE_PLACEHOLDER|>": IMG, "<|IMAGE_START|>": 88, "<|IMAGE_END|>": 89})
+    # patch 4, merge 2: pixel_values [patches, 3, 4, 4]; a 32x16 image -> 8 tokens, 16x16 -> 4
+    ip = PaddleOCRVLImageProcessorPil(patch_size=4, merge_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
+    return tf.PaddleOCRVLProcessor(ip, tok, chat_template=PADDLE_TEMPLATE)
+
+
+SPECS["paddleocr_vl"] = ProcessorSpec(_paddleocr_vl, (["Assistant"], ":"), ["<|begin_of_sentence|>", "<|IMAGE_START|>", "<|IMAGE_END|>"],
+                                      multi_image=True, tiles=True, sizes=GLM_SIZES)
