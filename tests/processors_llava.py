@@ -4,13 +4,14 @@ LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
 import torch
 import transformers as tf
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from processors_core import LLAVA_TEMPLATE
 from tiny_models import CLIP, IMG, SIGLIP, TEXT
-from tiny_processors import ProcessorSpec, make_tokenizer, template
+from tiny_processors import ProcessorSpec, feature_counts, make_tokenizer, template
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # anyres: a wide image gets two 32x32 tiles besides the base view
 VIDEO = 89  # the video token id of the tiny video models (tests/tiny_models.py)
@@ -115,6 +116,33 @@ def _video_llava():
                                                            num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
 
 
+AYA_TILES = ("TILE_GLOBAL", *(f"TILE_{i}" for i in range(1, 5)))
+
+
+def _aya_vision():
+    # GOT-OCR2's image processor crops a wide image into 32x32 tiles plus a global view; the processor
+    # writes <|START_OF_IMG|> TILE_1 <|IMG_PATCH|> x 4 ... TILE_GLOBAL <|IMG_PATCH|> x 4 <|END_OF_IMG|>
+    # (the model's image token is <|IMG_PATCH|>, not the processor's <image>); Cohere turns
+    tok = make_tokenizer(specials=("<|IMG_PATCH|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<image>", *AYA_TILES,
+                                   "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"),
+                         ids={"<|IMG_PATCH|>": IMG})
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+    return tf.AyaVisionProcessor(ip, tok, patch_size=8, img_size=32, downsample_factor=2,
+                                 chat_template=template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                                                        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<image>"))
+
+
+def tile_feature_counts(model, inputs) -> list[int]:
+    """Image features per prompt where get_image_features returns one row per tile of all images together
+    and the processor keeps no tiles-per-image count: each run of image tokens in a prompt is one tile
+    (tile markers sit between them), and the model must give exactly as many tiles as the prompts hold."""
+    per_tile = feature_counts(model, inputs)
+    img = (inputs["input_ids"] == IMG).long()
+    runs = ((img[:, 1:] - img[:, :-1]) == 1).sum(1) + img[:, 0]  # starts of image-token runs
+    assert len(per_tile) == int(runs.sum()), "the model's tiles are not the prompts' tiles"
+    return [int(r) * per_tile[0] for r in runs]
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
@@ -123,4 +151,7 @@ SPECS: dict[str, ProcessorSpec] = {
     "vipllava": ProcessorSpec(_vipllava, (["###", "Assistant"], ":"), multi_image=True),
     "llava_next_video": ProcessorSpec(_llava_next_video, (["ASSISTANT"], ":"), multi_image=True, tiles=True, model=_llava_next_video_model),
     "video_llava": ProcessorSpec(_video_llava, (["ASSISTANT"], ":"), multi_image=True),
+    "aya_vision": ProcessorSpec(_aya_vision, (["<|START_OF_TURN_TOKEN|>"], "<|CHATBOT_TOKEN|>"),
+                                ["<|START_OF_IMG|>", "TILE_1", "TILE_GLOBAL", "<|END_OF_IMG|>"], multi_image=True, tiles=True,
+                                feature_counts=tile_feature_counts),
 }
