@@ -118,3 +118,19 @@ def _paddleocr_vl():
 
 SPECS["paddleocr_vl"] = ProcessorSpec(_paddleocr_vl, (["Assistant"], ":"), ["<|begin_of_sentence|>", "<|IMAGE_START|>", "<|IMAGE_END|>"],
                                       multi_image=True, tiles=True, sizes=GLM_SIZES)
+
+
+# -- VideoLLaMA3: ChatML (Qwen2 text) with <|image_pad|> x patches; images are not merged (merge_size 1,
+# video frames 2): a 32x16 image of 4x4 patches -> 32 tokens, 16x16 -> 16; 1D positions
+def _video_llama_3():
+    from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
+
+    tok = make_tokenizer({"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, ("<|im_start|>", "<|im_end|>"),
+                         ids={"<|image_pad|>": IMG, "<|video_pad|>": 87})
+    ip = VideoLlama3ImageProcessorPil(patch_size=4, size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
+    chat = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|image_pad|>\n")
+    return without_video_processor(tf.VideoLlama3Processor, ip, tok, chat_template=chat)
+
+
+SPECS["video_llama_3"] = ProcessorSpec(_video_llama_3, (["<|im_start|>"], "assistant"), ["<|im_start|>", "<|im_end|>"],
+                                       multi_image=True, tiles=True, sizes=GLM_SIZES)
