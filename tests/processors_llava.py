@@ -1,6 +1,8 @@
 """Real processors of the LLaVA-style families on their tiny models: LLaVA-OneVision, Granite 4
 Vision, VipLLaVA, LLaVA-NeXT-Video, Video-LLaVA, Aya Vision, InternVL, Qianfan-OCR, Mistral 3,
 LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
+from functools import partial
+
 import torch
 import transformers as tf
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -132,15 +134,32 @@ def _aya_vision():
                                                         "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<image>"))
 
 
-def tile_feature_counts(model, inputs) -> list[int]:
+def tile_feature_counts(model, inputs, one_tile_per_run=False) -> list[int]:
     """Image features per prompt where get_image_features returns one row per tile of all images together
-    and the processor keeps no tiles-per-image count: each run of image tokens in a prompt is one tile
-    (tile markers sit between them), and the model must give exactly as many tiles as the prompts hold."""
+    and the processor drops its tiles-per-image count (num_patches): the model must give exactly as many
+    features as the prompts hold image tokens, and every run of image tokens must hold whole tiles (one
+    tile each where tile markers sit between tiles). Returns the model's features per prompt."""
     per_tile = feature_counts(model, inputs)
-    img = (inputs["input_ids"] == IMG).long()
-    runs = ((img[:, 1:] - img[:, :-1]) == 1).sum(1) + img[:, 0]  # starts of image-token runs
-    assert len(per_tile) == int(runs.sum()), "the model's tiles are not the prompts' tiles"
-    return [int(r) * per_tile[0] for r in runs]
+    n = per_tile[0]
+    img = inputs["input_ids"] == IMG
+    assert sum(per_tile) == int(img.sum()), "the model's features are not the prompts' image tokens"
+    for row in img:
+        edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), row.long(), torch.zeros(1, dtype=torch.long)])).nonzero()
+        runs = (edges[1::2] - edges[::2]).flatten().tolist()
+        assert all(r == n if one_tile_per_run else r % n == 0 for r in runs), f"image-token runs {runs} are not tiles of {n}"
+    return [int(k) // n * n for k in img.sum(1)]
+
+
+def _internvl(cls=tf.InternVLProcessor):
+    # GOT-OCR2's image processor crops a wide image into 32x32 tiles plus a global view; the processor
+    # writes <img> <IMG_CONTEXT> x 4 per tile (tiles contiguous) </img>; the chat template's image is
+    # <IMG_CONTEXT> itself; ChatML turns
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+    tok = make_tokenizer(named, ("<|im_start|>", "<|im_end|>"), ids={"<IMG_CONTEXT>": IMG})
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+    return without_video_processor(cls)(ip, tok, None, image_seq_length=4,
+                                        chat_template=template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n",
+                                                               "<IMG_CONTEXT>\n"))
 
 
 SPECS: dict[str, ProcessorSpec] = {
@@ -153,5 +172,7 @@ SPECS: dict[str, ProcessorSpec] = {
     "video_llava": ProcessorSpec(_video_llava, (["ASSISTANT"], ":"), multi_image=True),
     "aya_vision": ProcessorSpec(_aya_vision, (["<|START_OF_TURN_TOKEN|>"], "<|CHATBOT_TOKEN|>"),
                                 ["<|START_OF_IMG|>", "TILE_1", "TILE_GLOBAL", "<|END_OF_IMG|>"], multi_image=True, tiles=True,
-                                feature_counts=tile_feature_counts),
+                                feature_counts=partial(tile_feature_counts, one_tile_per_run=True)),
+    "internvl": ProcessorSpec(_internvl, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True, tiles=True,
+                              feature_counts=tile_feature_counts),
 }
