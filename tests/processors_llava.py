@@ -150,16 +150,23 @@ def tile_feature_counts(model, inputs, one_tile_per_run=False) -> list[int]:
     return [int(k) // n * n for k in img.sum(1)]
 
 
-def _internvl(cls=tf.InternVLProcessor):
+def _internvl():
     # GOT-OCR2's image processor crops a wide image into 32x32 tiles plus a global view; the processor
     # writes <img> <IMG_CONTEXT> x 4 per tile (tiles contiguous) </img>; the chat template's image is
     # <IMG_CONTEXT> itself; ChatML turns
     named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
     tok = make_tokenizer(named, ("<|im_start|>", "<|im_end|>"), ids={"<IMG_CONTEXT>": IMG})
     ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
-    return without_video_processor(cls)(ip, tok, None, image_seq_length=4,
-                                        chat_template=template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n",
-                                                               "<IMG_CONTEXT>\n"))
+    chat = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<IMG_CONTEXT>\n")
+    return without_video_processor(tf.InternVLProcessor)(ip, tok, None, image_seq_length=4, chat_template=chat)
+
+
+def _qianfan_ocr():
+    # InternVL's layout (<img> <IMG_CONTEXT> x 4 per tile </img>) from a chat template that writes <image>; no video
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+    tok = make_tokenizer(named, ("<|im_start|>", "<|im_end|>", "<image>"), ids={"<IMG_CONTEXT>": IMG})
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+    return tf.QianfanOCRProcessor(ip, tok, image_seq_length=4, chat_template=CHATML)
 
 
 SPECS: dict[str, ProcessorSpec] = {
@@ -175,4 +182,6 @@ SPECS: dict[str, ProcessorSpec] = {
                                 feature_counts=partial(tile_feature_counts, one_tile_per_run=True)),
     "internvl": ProcessorSpec(_internvl, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True, tiles=True,
                               feature_counts=tile_feature_counts),
+    "qianfan_ocr": ProcessorSpec(_qianfan_ocr, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True, tiles=True,
+                                 feature_counts=tile_feature_counts),
 }
