@@ -1,12 +1,16 @@
 """Real processors of the LLaVA-style families on their tiny models: LLaVA-OneVision, Granite 4
 Vision, VipLLaVA, LLaVA-NeXT-Video, Video-LLaVA, Aya Vision, InternVL, Qianfan-OCR, Mistral 3,
 LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
+import importlib
+import sys
+import types
 from functools import partial
 
 import torch
 import transformers as tf
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.pixtral import image_processing_pil_pixtral
 from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
@@ -169,6 +173,35 @@ def _qianfan_ocr():
     return tf.QianfanOCRProcessor(ip, tok, image_seq_length=4, chat_template=CHATML)
 
 
+def pixtral_processor_class():
+    """transformers' real PixtralProcessor (Mistral 3's, LightOnOCR's image layout).
+
+    processing_pixtral imports one helper (get_resize_output_image_size) from the torchvision image
+    processor module at import time, which fails here; the Pil module defines the same function, so
+    it stands in for that module while processing_pixtral is first imported (and only then)."""
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    shim = types.ModuleType(name)
+    shim.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+    saved = sys.modules.get(name)
+    sys.modules[name] = shim
+    try:
+        return importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+    finally:
+        if saved is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = saved
+
+
+def _mistral3():
+    # Pixtral's layout: a row of [IMG] per 2x2 merged patches, [IMG_BREAK] after each row, [IMG_END] last;
+    # the image keeps its aspect ratio (a wide image: one row of two). Mistral's turns have no generation
+    # prompt: the prompt ends with [/INST]
+    ip = image_processing_pil_pixtral.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 8, "width": 8})
+    tok = make_tokenizer(specials=("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"), ids={"[IMG]": IMG})
+    return pixtral_processor_class()(ip, tok, patch_size=8, spatial_merge_size=2, chat_template=template("[INST]", "[/INST]", "", "[IMG]"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
@@ -184,4 +217,8 @@ SPECS: dict[str, ProcessorSpec] = {
                               feature_counts=tile_feature_counts),
     "qianfan_ocr": ProcessorSpec(_qianfan_ocr, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True, tiles=True,
                                  feature_counts=tile_feature_counts),
+    # a square image gets two rows ([IMG_BREAK] between: text inside the image), a wide one a single row,
+    # which the fast path takes
+    "mistral3": ProcessorSpec(_mistral3, ([], "[/INST]"), ["[IMG_BREAK]", "[IMG_END]"], multi_image=True, tiles=True,
+                              sizes=((32, 32), (96, 32))),
 }
