@@ -202,6 +202,17 @@ def _mistral3():
     return pixtral_processor_class()(ip, tok, patch_size=8, spatial_merge_size=2, chat_template=template("[INST]", "[/INST]", "", "[IMG]"))
 
 
+def _lighton_ocr():
+    # Pixtral's image processor (sizes a multiple of the merged 16-pixel patch) but a plain run of
+    # <|image_pad|> (no row breaks); Qwen3's ChatML turns
+    named = {"image_token": "<|image_pad|>", "image_break_token": "<|vision_pad|>", "image_end_token": "<|vision_end|>"}
+    tok = make_tokenizer(named, ("<|im_start|>", "<|im_end|>"), ids={"<|image_pad|>": IMG})
+    ip = image_processing_pil_pixtral.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": 16, "width": 16})
+    return tf.LightOnOcrProcessor(ip, tok, patch_size=8, spatial_merge_size=2,
+                                  chat_template=template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n",
+                                                         "<|image_pad|>"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
@@ -221,4 +232,5 @@ SPECS: dict[str, ProcessorSpec] = {
     # which the fast path takes
     "mistral3": ProcessorSpec(_mistral3, ([], "[/INST]"), ["[IMG_BREAK]", "[IMG_END]"], multi_image=True, tiles=True,
                               sizes=((32, 32), (96, 32))),
+    "lighton_ocr": ProcessorSpec(_lighton_ocr, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True),
 }
