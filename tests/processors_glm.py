@@ -145,8 +145,20 @@ MINICPM_NAMED = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
 MINICPM_IDS = {"<|image_pad|>": IMG, "<|video_pad|>": 87, "<image>": 88, "</image>": 89, "<slice>": 85, "</slice>": 86}
 
 
-def _minicpm(processor_cls):
+def _ocr_image_processor(**kw):
+    """MiniCPM-OCR's image processor needs torchvision (MiniCPMOcrImageProcessor has no Pil twin). This
+    stand-in is MiniCPM-V 4.6's Pil image processor in MiniCPM-OCR's 4x downsampling mode, which is
+    what the OCR one does with its default small_image_upsize="always" (its "adaptive" mode, which
+    sizes small crops by their glyphs with OpenCV, is left out): the same slicing, resizing to
+    multiples of 2 patches, NaViT packing and target sizes, so the same token layout."""
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    return MiniCPMV4_6ImageProcessorPil(downsample_mode="4x", **kw)
+
+
+def _minicpm(processor_cls, ocr=False):
     def make():
+        from transformers.models.minicpm_ocr.video_processing_minicpm_ocr import MiniCPMOcrVideoProcessor
         from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
         from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
 
@@ -154,10 +166,11 @@ def _minicpm(processor_cls):
         # 2x2-pixel patches merged 16x: a 16x16 image -> 4 tokens, no slices; 32x16 -> a 16x48-pixel
         # overview (3 tokens) and two 16x16 slices (4 each). The real video processor only tells the
         # processor its slice mode (its processing needs torchvision).
-        ip = MiniCPMV4_6ImageProcessorPil(patch_size=2, scale_resolution=16)
+        # MiniCPM-OCR (merged 4x): 16x16 -> 16 tokens; 32x16 -> a 12x24-pixel overview (18) and two 16x16 slices (16 each)
+        ip = (_ocr_image_processor if ocr else MiniCPMV4_6ImageProcessorPil)(patch_size=2, scale_resolution=16)
+        video = MiniCPMOcrVideoProcessor() if ocr else MiniCPMV4_6VideoProcessor()
         chat = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|image_pad|>\n")
-        return unchecked_video(processor_cls, video_processor=MiniCPMV4_6VideoProcessor(), image_processor=ip, tokenizer=tok,
-                               chat_template=chat)
+        return unchecked_video(processor_cls, video_processor=video, image_processor=ip, tokenizer=tok, chat_template=chat)
     return make
 
 
@@ -178,7 +191,8 @@ def minicpm_feature_counts(model, inputs):
 # stacks (check instead, as tests/test_families.py's hybrid test does, that an own-image K/V baseline
 # changes nothing and a zero baseline changes the answer). The other four processor tests pass with them.
 HYBRID_SPECS: dict[str, ProcessorSpec] = {}
-for _family, _cls in (("minicpmv4_6", tf.MiniCPMV4_6Processor), ("minicpmv4_7", tf.MiniCPMV4_7Processor)):
-    HYBRID_SPECS[_family] = ProcessorSpec(_minicpm(_cls), (["<|im_start|>"], "assistant"),
+for _family, _cls in (("minicpmv4_6", tf.MiniCPMV4_6Processor), ("minicpmv4_7", tf.MiniCPMV4_7Processor),
+                      ("minicpm_ocr", tf.MiniCPMOcrProcessor)):
+    HYBRID_SPECS[_family] = ProcessorSpec(_minicpm(_cls, ocr=_family == "minicpm_ocr"), (["<|im_start|>"], "assistant"),
                                    ["<image_id>", "0", "</image_id>", "<image>", "</image>", "<slice>", "</slice>"],
                                    multi_image=True, tiles=True, sizes=GLM_SIZES, feature_counts=minicpm_feature_counts)
