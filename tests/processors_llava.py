@@ -213,6 +213,27 @@ def _lighton_ocr():
                                                          "<|image_pad|>"))
 
 
+class Cohere2VisionTileProcessor(GotOcr2ImageProcessorPil):
+    """Stand-in for Cohere2VisionImageProcessor, which is torchvision-only. That class is GOT-OCR2's image
+    processor (crop into tiles of ``size`` plus a thumbnail when there are several; ``num_patches`` per
+    image) with ``patch_size``, the image tokens per tile side that Cohere2VisionProcessor reads, and its
+    own choice of tile grid (least upscaling); for the 3:1 and 1:1 images of these tests both choices
+    give the same grid (3x1 tiles + thumbnail, one tile)."""
+
+    patch_size = 2  # 32-pixel tile: 4x4 SigLIP patches, downsampled 2x -> 2x2 image tokens
+
+
+def _cohere2_vision():
+    # <|START_OF_IMG|> (<|IMG_PATCH|> x 4 <|IMG_LINE_BREAK|>) per tile <|END_OF_IMG|>; Cohere turns
+    named = {"boi_token": "<|START_OF_IMG|>", "eoi_token": "<|END_OF_IMG|>", "image_token": "<|IMG_PATCH|>",
+             "img_line_break_token": "<|IMG_LINE_BREAK|>"}
+    tok = make_tokenizer(named, ("<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"),
+                         ids={"<|IMG_PATCH|>": IMG})
+    ip = Cohere2VisionTileProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+    return tf.Cohere2VisionProcessor(ip, tok, chat_template=template("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                                                                     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|IMG_PATCH|>"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "llava_onevision": ProcessorSpec(_llava_onevision, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True,
                                      model=_llava_onevision_model),
@@ -233,4 +254,7 @@ SPECS: dict[str, ProcessorSpec] = {
     "mistral3": ProcessorSpec(_mistral3, ([], "[/INST]"), ["[IMG_BREAK]", "[IMG_END]"], multi_image=True, tiles=True,
                               sizes=((32, 32), (96, 32))),
     "lighton_ocr": ProcessorSpec(_lighton_ocr, (["<|im_start|>"], "assistant"), multi_image=True, tiles=True),
+    "cohere2_vision": ProcessorSpec(_cohere2_vision, (["<|START_OF_TURN_TOKEN|>"], "<|CHATBOT_TOKEN|>"),
+                                    ["<|START_OF_IMG|>", "<|IMG_LINE_BREAK|>", "<|END_OF_IMG|>"], multi_image=True, tiles=True,
+                                    feature_counts=partial(tile_feature_counts, one_tile_per_run=True)),
 }
