@@ -1,6 +1,6 @@
 """Real processors of the LLaVA-style families on their tiny models: LLaVA-OneVision, Granite 4
 Vision, VipLLaVA, LLaVA-NeXT-Video, Video-LLaVA, Aya Vision, InternVL, Qianfan-OCR, Mistral 3,
-LightOnOCR (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
+LightOnOCR, Cohere2 Vision (each a ``ProcessorSpec``; see tests/tiny_processors.py)."""
 import importlib
 import sys
 import types
@@ -10,10 +10,10 @@ import torch
 import transformers as tf
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-from transformers.models.pixtral import image_processing_pil_pixtral
-from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.pixtral import image_processing_pil_pixtral
+from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 
 from processors_core import LLAVA_TEMPLATE
 from tiny_models import CLIP, IMG, SIGLIP, TEXT
@@ -140,9 +140,10 @@ def _aya_vision():
 
 def tile_feature_counts(model, inputs, one_tile_per_run=False) -> list[int]:
     """Image features per prompt where get_image_features returns one row per tile of all images together
-    and the processor drops its tiles-per-image count (num_patches): the model must give exactly as many
-    features as the prompts hold image tokens, and every run of image tokens must hold whole tiles (one
-    tile each where tile markers sit between tiles). Returns the model's features per prompt."""
+    and the processor drops its tiles-per-image count (num_patches), so the model's output cannot be split
+    per image: it must give exactly as many features as the prompts hold image tokens, every run of image
+    tokens must hold whole tiles of the model's size (exactly one where tile markers sit between tiles),
+    and then each prompt's image tokens are its tiles' features."""
     per_tile = feature_counts(model, inputs)
     n = per_tile[0]
     img = inputs["input_ids"] == IMG
@@ -151,7 +152,7 @@ def tile_feature_counts(model, inputs, one_tile_per_run=False) -> list[int]:
         edges = torch.diff(torch.cat([torch.zeros(1, dtype=torch.long), row.long(), torch.zeros(1, dtype=torch.long)])).nonzero()
         runs = (edges[1::2] - edges[::2]).flatten().tolist()
         assert all(r == n if one_tile_per_run else r % n == 0 for r in runs), f"image-token runs {runs} are not tiles of {n}"
-    return [int(k) // n * n for k in img.sum(1)]
+    return img.sum(1).tolist()
 
 
 def _internvl():
