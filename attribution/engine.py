@@ -18,6 +18,10 @@ from headsteer.intervene import Spec, intervene
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
                 "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
                 "instructblip": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
+                # the marker tokens after the last image token (<IMG_GRID>, <IMG_END>) get their embeddings
+                # from the vision branch only in a forward given pixel_values
+                "ovis2": ("its visual indicator tokens after the image (<IMG_GRID>, <IMG_END>) are embedded by the vision "
+                          "branch only when pixel_values are given, so the text suffix cannot run alone"),
                 # cross-attention families: the image reaches the text only through cross-attention layers
                 "mllama": "image information reaches the text through cross-attention layers (naive path only)",
                 "idefics": "image information reaches the text through cross-attention layers (naive path only)"}
@@ -68,8 +72,8 @@ def auto_chunk(model, prefix_len: int, suffix_len: int, ad, state_bytes: int = 0
     """Masks per batch: 256 on the CPU; on a GPU as many as about half the free memory holds
     (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations, plus
     ``state_bytes``: one mask's recurrent state in the largest recurrent layer of a hybrid stack, which
-    each mask updates for itself), at most 1,024: a 7B model's forward is already compute-bound at
-    256, and larger batches only raise the peak memory."""
+    each mask reads as its own copy and updates for itself), at most 1,024: a 7B model's forward is
+    already compute-bound at 256, and larger batches only raise the peak memory."""
     device, dtype = _model_device_dtype(model)
     if device.type != "cuda":
         return 256
@@ -80,7 +84,7 @@ def auto_chunk(model, prefix_len: int, suffix_len: int, ad, state_bytes: int = 0
     per_mask = (2 * 4 * ad.num_heads * suffix_len * (prefix_len + suffix_len)  # scores, fp32
                 + suffix_len * (8 * width + 3 * inter) * dtype.itemsize  # activations
                 + 4 * getattr(tc, "vocab_size", 32000)  # last-position logits, fp32
-                + 3 * state_bytes)  # the updated state and the kernels' temporaries
+                + 4 * state_bytes)  # the prefix state's per-batch copy, the updated state, the kernels' temporaries
     return int(max(8, min(1024, (free // 2) // per_mask // 8 * 8)))
 
 

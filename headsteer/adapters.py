@@ -49,6 +49,8 @@ FAMILIES = {
     "deepseek_vl": "DeepSeek-VL",
     "deepseek_vl_hybrid": "DeepSeek-VL hybrid (SigLIP + SAM towers)",
     "deepseek_ocr2": "DeepSeek-OCR 2 (SAM + Qwen2 query encoder; multi-head attention text)",
+    "unlimited_ocr": ("Unlimited-OCR (SAM + CLIP encoder; DeepSeek-V2 text with reference sliding-window attention: every "
+                      "prompt key, and the last sliding_window generated keys)"),
     "janus": "Janus (understanding path)",
     "ovis2": "Ovis2",
     "aria": "Aria (MoE text model)",
@@ -78,6 +80,7 @@ FAMILIES = {
     "minicpmv4_6": "MiniCPM-V 4.6 (hybrid Qwen3.5 text: gated delta-net + attention layers; 1D positions)",
     "minicpm_ocr": "MiniCPM-OCR (MiniCPM-V 4.6's model, 4x downsampling)",
     "minicpmv4_7": "MiniCPM-V 4.7 (as 4.6, with canvas 3D RoPE computed from the token layout)",
+    "nemotron_h_omni": "Nemotron 3 Nano Omni (hybrid Nemotron-H text: Mamba-2 + attention layers without RoPE; image input)",
     "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 
@@ -189,6 +192,18 @@ OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_
                  "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}
+# Families whose model needs the processor's mm_token_type_ids (which tokens are image/video, for its
+# 3D RoPE) but whose processor returns them only when asked (transformers 5.24's Cosmos3EdgeProcessor).
+ASK_MM_TOKEN_TYPES = {"cosmos3_edge"}
+# Families whose processor takes one list of images per prompt: a flat list of a batch's images is read
+# as all images of every prompt (Gemma 3 and LFM2-VL then refuse a batch of two prompts).
+NESTED_IMAGES = {"idefics3", "smolvlm", "gemma3", "mllama", "lfm2_vl"}
+# Families whose checkpoints ship no chat template but whose processor writes its own turns around
+# the image: (user turn, with {image} for the processor's image token and {question}; generation prompt).
+PROCESSOR_PROMPTS = {
+    "got_ocr2": ("<|im_start|>system\nYou should follow the instructions carefully and explain your answers in detail."
+                 "<|im_end|><|im_start|>user\n<img>{image}</img>\n{question}<|im_end|>", "<|im_start|>assistant\n"),
+}
 
 
 def supported_families() -> str:
@@ -351,6 +366,9 @@ class Adapter:
     def _special_mask(self, input_ids):
         tok = getattr(self.processor, "tokenizer", None)
         ids = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+        # tokens added as special that all_special_ids no longer lists: Idefics2Processor's two
+        # add_special_tokens calls each replace the additional special tokens, dropping <fake_token_around_image>
+        ids |= {i for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items() if getattr(t, "special", False)}
         ids.add(self.image_token_id)
         if self.video_token_id is not None:
             ids.add(self.video_token_id)
@@ -372,6 +390,8 @@ class Adapter:
                     self._n_role = max(1, n)
                 except Exception:
                     pass
+            elif tok is not None and self.model_type in PROCESSOR_PROMPTS:
+                self._n_role = max(1, len(tok(PROCESSOR_PROMPTS[self.model_type][1], add_special_tokens=False).input_ids))
         return self._n_role
 
     # -- prompts -----------------------------------------------------------------------------
@@ -388,6 +408,9 @@ class Adapter:
         if self.model_type == "paligemma":
             return question  # its processor prepends the image tokens and appends "\n"
         tok = getattr(proc, "image_token", "<image>")
+        if self.model_type in PROCESSOR_PROMPTS:
+            turn, gen = PROCESSOR_PROMPTS[self.model_type]
+            return turn.format(image=tok, question=question) + gen
         return f"{tok}\n{question}"
 
     def answer_token_id(self, answer: str, question: str = "what is in the image?") -> int:
@@ -404,6 +427,10 @@ class Adapter:
             return ids[0]
         return full[len(base)]
 
+    def processor_kwargs(self) -> dict:
+        """What the family's processor must be asked for besides images and text (``ASK_MM_TOKEN_TYPES``)."""
+        return {"return_mm_token_type_ids": True} if self.model_type in ASK_MM_TOKEN_TYPES else {}
+
     def encode(self, images, questions, device=None):
         """Processor inputs for a batch of (image, question), left-padded so the last real token is at -1."""
         proc = self.processor
@@ -416,10 +443,8 @@ class Adapter:
         old = tok.padding_side
         tok.padding_side = "left"
         try:
-            kw = {}
-            # these processors take one list of images per prompt; a flat list of a batch's images is
-            # read as all images of every prompt (Gemma 3 then refuses a batch of two prompts)
-            if self.model_type in ("idefics3", "smolvlm", "gemma3", "mllama"):
+            kw = self.processor_kwargs()
+            if self.model_type in NESTED_IMAGES:
                 images = [[im] for im in images]
             batch = proc(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
         finally:

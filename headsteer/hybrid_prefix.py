@@ -1,9 +1,12 @@
 """The fast path's shared prefix for hybrid stacks (only some decoder layers are attention; the
-others are gated delta-net or short-convolution layers, which carry a state instead of K/V).
+others are gated delta-net, Mamba-2 or short-convolution layers, which carry a state instead of K/V).
 
 Ablation never changes the prefix, so each recurrent layer's state at the end of the prefix is the
-same for every mask, like the prefix K/V: it is computed once at batch 1 and every batch of masks
-reads it as a broadcast view. Nothing is written back, so batches never see each other's suffix.
+same for every mask, like the prefix K/V: it is computed once at batch 1 and kept there. A layer
+reading it gets a per-batch copy (``HybridPrefixCache.get_recurrent_state``): some kernels update the
+state they are given in place (Mamba-2's one-token step, Nemotron-H), which on a broadcast view
+raises or, at batch 1, would overwrite the prefix. Nothing is written back, so batches never see
+each other's suffix.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ class _PrefixState(LinearAttentionLayer):
 
     def __init__(self, filled: LinearAttentionCacheLayerMixin, batch: int):
         super().__init__(filled.number_of_states)
-        # Views, not copies: the layers read them out of place (the torch kernels; flash-linear-attention
-        # makes its inputs contiguous itself), and update_* below never write into them.
+        # Views, not copies: update_* below never write into them, and a layer reading its recurrent
+        # state gets a copy (HybridPrefixCache.get_recurrent_state); conv states are only read through
+        # update_conv_state (record_past).
         self.conv_states = {i: _rows(s, batch) for i, s in filled.conv_states.items()}
         self.recurrent_states = {i: _rows(s, batch) for i, s in filled.recurrent_states.items()}
         self.is_conv_states_initialized = dict(filled.is_conv_states_initialized)
@@ -66,6 +70,13 @@ class HybridPrefixCache(DynamicCache):
         self.layers = [_PrefixLayer(lay.keys, lay.values) if isinstance(lay, DynamicLayer)
                        else _PrefixState(lay, batch) if isinstance(lay, LinearAttentionCacheLayerMixin)
                        else lay for lay in filled.layers]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        """A fresh [batch, ...] copy of the prefix state, one per read (one layer's at a time: the chunk
+        size counts it), since some kernels update the state they read in place (Mamba-2's
+        ``selective_state_update``: ``state.copy_(...)``)."""
+        state = super().get_recurrent_state(layer_idx, state_idx)
+        return None if state is None else state.clone(memory_format=torch.contiguous_format)
 
     def at_batch(self, batch: int) -> HybridPrefixCache:
         """The cache one batch of ``batch`` masks runs with (new views of the same prefix tensors)."""

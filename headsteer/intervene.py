@@ -212,6 +212,7 @@ class _Session:
         self.captures: list[dict] = []
         self.groups: dict | None = None
         self.past = 0  # tokens seen before the current forward (set by the groups hook)
+        self.kept_prefill: dict[int, int] = {}  # model layer -> prompt keys its cache always keeps (set there too)
         self.oproj_handles: list = []
 
     @property
@@ -261,8 +262,8 @@ def _pad_group(g: torch.Tensor, end: int, fill: bool) -> torch.Tensor:
     return torch.cat([g, torch.full((g.shape[0], end - T), fill, dtype=torch.bool, device=g.device)], 1)
 
 
-def _group(groups, name_or_mask, k_len, device, offset=0):
-    """bool [B, k_len]: the group over the keys at absolute positions offset .. offset + k_len."""
+def _group(groups, name_or_mask, keys):
+    """bool [B, k_len]: the group over the keys, ``keys`` = ``_key_positions``."""
     if isinstance(name_or_mask, str):
         if name_or_mask not in groups:
             raise HeadsteerError(f"unknown token group {name_or_mask!r}; known: {', '.join(sorted(groups))}")
@@ -270,13 +271,28 @@ def _group(groups, name_or_mask, k_len, device, offset=0):
         fill = name_or_mask in ("after_image", "sees_image", "text")  # generated tokens are text after the image
     else:
         g, fill = torch.as_tensor(name_or_mask), False
-    return _pad_group(g.to(device).bool(), offset + k_len, fill)[:, offset:]
+    pos, end = keys
+    return _pad_group(g.to(pos.device).bool(), end, fill)[:, pos]
 
 
-def _key_offset(session, q_len: int, k_len: int) -> int:
-    """Absolute position of the first key: 0, except for a sliding-window layer whose cache has
-    dropped the oldest keys."""
-    return max(0, session.past + q_len - k_len)
+def _key_positions(session, q_len: int, k_len: int, layer_idx, device) -> tuple[torch.Tensor, int]:
+    """(absolute positions of the keys, LongTensor [k_len]; one past the largest). The keys end with
+    the current queries and are one run — from 0, except in a sliding-window layer whose cache has
+    dropped the oldest ones — or, where the cache keeps every prompt key and a window of the latest
+    generated ones (Unlimited-OCR's reference sliding window), the prompt then the latest keys."""
+    end = session.past + q_len
+    start = max(0, end - k_len)
+    kept = session.kept_prefill.get(layer_idx, 0) if start > 0 else 0
+    if not kept:
+        return torch.arange(start, start + k_len, device=device), start + k_len
+    g = session.groups
+    if g is not None and not bool((g["text"] | g["image"])[:, :kept].all()):
+        # seen on a tiny Unlimited-OCR: the padded row then differs from the same prompt alone, also
+        # without headsteer, and its padding keys carry the image past an all-head ablation
+        raise HeadsteerError("generation of a left-padded batch past the sliding window of a cache that keeps the prompt: "
+                             "transformers 5.24's reference-sliding-window mask then shows the padding keys to the padded "
+                             "rows; generate one prompt at a time (no padding)")
+    return torch.cat([torch.arange(kept), torch.arange(end - (k_len - kept), end)]).to(device), end
 
 
 def _heads_mask(heads, ad: Adapter, device) -> torch.Tensor:
@@ -343,7 +359,7 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
     scaling = scaling if scaling is not None else d ** -0.5
     n_rep = Hq // key.shape[1]
     softcap = kwargs.get("softcap")
-    off = _key_offset(session, q_len, k_len)
+    keys = _key_positions(session, q_len, k_len, getattr(module, "layer_idx", None), dev)
     k_e, v_e = _repeat(key, n_rep), _repeat(value, n_rep)
     mask = additive_mask(module, attention_mask, q_len, k_len, dev)
     bias = torch.zeros(1, 1, q_len, k_len, device=dev) if mask is None else mask
@@ -355,14 +371,14 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
         for ko in a.knockouts:
             hm = _heads_mask(ko.heads, ad, dev)[..., layer, :]  # [H] or per example [B, H]
             hm = hm[None] if hm.ndim == 1 else hm
-            src = _group(groups, ko.src, k_len, dev, off)
-            dst = _group(groups, ko.dst, k_len, dev, off)[:, k_len - q_len:]
+            src = _group(groups, ko.src, keys)
+            dst = _group(groups, ko.dst, keys)[:, k_len - q_len:]
             block = hm[:, :, None, None] & dst[:, None, :, None] & src[:, None, None, :]
             bias = bias.masked_fill(block, NEG)
         if a.image_attn is not None:
             fac = a.image_attn.to(dev)[layer]  # [H]
-            img = _group(groups, "image", k_len, dev, off)
-            aft = _group(groups, "after_image", k_len, dev, off)[:, k_len - q_len:]
+            img = _group(groups, "image", keys)
+            aft = _group(groups, "after_image", keys)[:, k_len - q_len:]
             logf = torch.log(fac).clamp(min=NEG)
             add = logf[None, :, None, None] * (aft[:, None, :, None] & img[:, None, None, :])
             bias = bias + torch.nan_to_num(add, nan=0.0)
@@ -370,24 +386,24 @@ def _attend(module, session: _Session, layer, query, key, value, attention_mask,
     out = torch.matmul(probs, v_e.float())
     if session.recorder is not None:
         g = groups if groups is not None else session.groups_for(None)
-        img = _group(g, "image", k_len, dev, off)
-        aft = _group(g, "after_image", k_len, dev, off)[:, k_len - q_len:]
-        last = _group(g, "last", k_len, dev, off)[:, k_len - q_len:]
+        img = _group(g, "image", keys)
+        aft = _group(g, "after_image", keys)[:, k_len - q_len:]
+        last = _group(g, "last", keys)[:, k_len - q_len:]
         session.recorder.add(layer, probs, img, aft, last)
     abl = session.ablation()
     if abl is not None and layer in abl.ablate_layers:
         am = abl.ablate[..., layer, :].to(dev)  # [B|1, H]
         groups = session.groups_for(abl)
-        img = _group(groups, "image", k_len, dev, off)
+        img = _group(groups, "image", keys)
         # every text query that sees the image: also tokens between image tiles or images
-        aft = _group(groups, "sees_image", k_len, dev, off)[:, k_len - q_len:]
+        aft = _group(groups, "sees_image", keys)[:, k_len - q_len:]
         # image ordinals by absolute position: a sliding-window cache may have dropped the first ones
-        full = _pad_group(groups["image"].to(dev), off + k_len, False)
+        full = _pad_group(groups["image"].to(dev), keys[1], False)
         n_img = full.sum(1)
         if not bool((n_img == n_img[0]).all()):
             raise HeadsteerError(f"the rows of this batch have {n_img.tolist()} image positions; ablation with a baseline "
                                  "needs the same number in every row: use baseline='zero', or images of one size")
-        ordinals = (full.long().cumsum(1) - 1)[:, off:]
+        ordinals = (full.long().cumsum(1) - 1)[:, keys[0]]
         kb, vb = abl.baseline.kv(layer, key, value, img, ordinals, int(n_img[0]))  # image positions replaced
         probs_b = torch.softmax(_scores(query, _repeat(kb, n_rep), scaling, softcap) + bias, dim=-1)
         out_b = torch.matmul(probs_b, _repeat(vb, n_rep).float())
@@ -418,9 +434,9 @@ def _attend_cross(module, session: _Session, layer, query, key, value, attention
     out = attend(key, value)
     if session.recorder is not None:
         groups = session.groups_for(None)
-        end = session.past + q_len  # absolute positions of the queries: past .. end
-        after = _group(groups, "after_image", end, dev)[:, session.past:]
-        last = _group(groups, "last", end, dev)[:, session.past:]
+        end = session.past + q_len
+        queries = (torch.arange(session.past, end, device=dev), end)  # as _key_positions: the queries' positions
+        after, last = _group(groups, "after_image", queries), _group(groups, "last", queries)
         session.recorder.add_mass(layer, _written_norm(ad, layer, out), after, last)
     abl = session.ablation()
     if abl is not None and layer in abl.ablate_layers:
@@ -464,8 +480,11 @@ def _groups_hook(session: _Session):
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         # Tokens seen before this forward: a sliding-window layer's cache keeps only the last
-        # keys, and groups are aligned by absolute position (see _key_offset).
+        # keys, and groups are aligned by absolute position (see _key_positions).
         session.past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        # cache layers that keep the whole prompt besides their window (reference sliding window)
+        session.kept_prefill = {i: n for i, lay in enumerate(getattr(cache, "layers", None) or [])
+                                if isinstance(n := getattr(lay, "prefill_length", None), int)}
         if ids is None or (session.past > 0 and session.groups is not None):
             return None  # decoding: keep the prompt's groups; new tokens count as text after the image
         am = kwargs.get("attention_mask")

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
-from headsteer import get_adapter, intervene
+from headsteer import HeadsteerError, get_adapter, intervene
 from headsteer.adapters import CROSS_FAMILIES, FAMILIES, REFUSED
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from headsteer.compat import apply_compat
 from test_intervene import last_logits, mean_like_baseline
 from test_intervene import test_interventions_hold_during_cached_generation as cached_generation_holds
-from tiny_models import BUILDERS, HYBRID, IMG, _ids, tiny
+from tiny_models import BUILDERS, HYBRID, IMG, VOCAB, _ids, _unlimited_ocr, alone_row, other_pixels, tiny
 
 VIDEO = 89  # video token id of the tiny video families
 VIDEO_TOKENS = {"video_llava": 34, "llava_next_video": 8}  # 2 frames of 32x32
@@ -86,6 +86,56 @@ def test_llama4_interventions_hold_during_cached_generation(what):
     cached_generation_holds("llama4", what)
 
 
+@pytest.mark.parametrize("what", ["ablate", "image_attn", "steer"])
+def test_nemotron_h_omni_interventions_hold_during_cached_generation(what):
+    """Nemotron-H's Mamba-2 layers decode with kernels that update their cached state in place (the
+    fast path hands them a copy of the prefix state: tests/test_fastpath.py); attention layers have
+    no positional encoding."""
+    cached_generation_holds("nemotron_h_omni", what)
+
+
+def test_unlimited_ocr_ablation_holds_during_cached_generation_under_the_window():
+    """Under its reference sliding window (3 new tokens, window 128) the cache keeps every key."""
+    cached_generation_holds("unlimited_ocr", "ablate")
+
+
+def test_unlimited_ocr_ablation_holds_past_the_reference_sliding_window():
+    """Unlimited-OCR's cache keeps every prompt key and the last ``sliding_window`` generated ones, so
+    past the window its keys are no longer one run of positions (the image keys stay). Window 2, 5 new
+    tokens (the last two past it), one unpadded prompt: all-head ablation keeps every step
+    image-independent, and ablating with the prompt's own image K/V changes nothing. Past the window
+    cached decoding is the model's own semantics, no longer a full forward's. A left-padded batch is
+    refused there: transformers 5.24's mask then shows the padding keys to the padded rows (the padded
+    row differs from the prompt alone also without headsteer)."""
+    torch.manual_seed(0)
+    model, batch = _unlimited_ocr(2, window=2)
+    model.eval()
+    one = alone_row("unlimited_ocr", batch, 0)
+    ad = get_adapter(model)
+    zero = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+
+    def generate(inputs, **spec):
+        with torch.no_grad(), intervene(model, **spec):
+            return model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                  suppress_tokens=list(range(80, VOCAB)), pad_token_id=0)
+
+    a, b = generate(one, ablate="*", baseline=zero), generate(other_pixels(one), ablate="*", baseline=zero)
+    torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-5, rtol=0)
+    with torch.no_grad(), intervene(model, ablate="*", baseline=zero):
+        full = model(**one | dict(input_ids=a.sequences[:, :-1], attention_mask=torch.ones_like(a.sequences[:, :-1])), use_cache=False)
+    assert (full.logits[:, -1] - a.logits[-1]).abs().max() > 1e-4  # the window dropped generated keys
+
+    img = ad.image_mask(one["input_ids"])[0]
+    cap = {}
+    with torch.no_grad(), intervene(model, capture=cap):
+        model(**one)
+    own = TensorBaseline(*(torch.stack([cap[l][i][0][:, img] for l in range(ad.num_layers)]) for i in (0, 1)), "own")
+    torch.testing.assert_close(torch.stack(generate(one, ablate="L0H1,L1H0-2", baseline=own).logits),
+                               torch.stack(generate(one).logits), atol=1e-5, rtol=1e-5)
+    with pytest.raises(HeadsteerError, match="left-padded batch past the sliding window"):
+        generate(batch, ablate="*", baseline=zero)
+
+
 def test_llama4_chunked_layer_ablation_reads_only_the_chunk():
     """Layer 0 attends within chunks of 8 tokens: the text after the image (positions 9-14) shares a
     chunk with the last image token (8) only. Replacing the baseline at the other image ordinals
@@ -150,7 +200,7 @@ def test_readme_supported_models_lists_every_family_and_the_counts():
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),
                                         ("instructblipvideo", "into its Q-Former"), ("fast_vlm", "timm"), ("pi0", "no answer token"),
                                         ("diffusion_gemma", "block-diffusion"), ("evolla", "protein"), ("kimi_k25", "latent attention"), ("mistral_large4", "indexer"), ("mistral4", "text-only"), ("inkling2", "swa_head_dim"), ("kosmos-2", "image_embeds_position_mask"),
-                                        ("unlimited_ocr", "no tested adapter")])
+                                        ("bert", "no tested adapter")])
 def test_refused_families_say_why_before_weights_load(tmp_path, mtype, why):
     import json
 

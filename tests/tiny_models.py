@@ -349,6 +349,22 @@ def _deepseek_ocr2(batch):
                   text_config=dict(text, mlp_layer_types=["dense", "dense"]), vision_config=vision, image_token_id=IMG)
 
 
+def _unlimited_ocr(batch, window=128):
+    """Unlimited-OCR: a 128x128 global view through SAM (8x8 patches, two stride-2 necks: 2x2) and a CLIP
+    encoder, 2x2 features + a newline per row + a view separator = 7 image tokens; DeepSeek-V2 text whose
+    layers all use the reference sliding window (the prompt's keys always, generated keys within
+    ``window``)."""
+    import transformers as tf
+
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    vision = dict(sam_config=dict(SAM, image_size=128, downsample_channels=[16, 32]),
+                  encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14))
+    return _plain(tf.UnlimitedOcrForConditionalGeneration, tf.UnlimitedOcrConfig, 7, batch, _pix(3, 128, 128),
+                  text_config=dict(text, mlp_layer_types=["dense", "dense"], sliding_window=window), vision_config=vision,
+                  image_token_id=IMG)
+
+
 def _janus(batch):
     import transformers as tf
 
@@ -579,6 +595,25 @@ def _minicpmv4_7(batch):
                                                             target_sizes=torch.tensor([[8, 8]] * batch), mm_token_type_ids=(ids == IMG).long())
 
 
+def _nemotron_h_omni(batch):
+    """Nemotron 3 Nano Omni: RADIO vision (16 flattened 4x4 patches per image, pixel shuffle 0.5 into 4
+    image tokens), hybrid Nemotron-H text: a Mamba-2 layer (its decode kernels write their state in
+    place), two attention layers without positional encoding, a MoE layer."""
+    import transformers as tf
+
+    text = dict({k: v for k, v in TEXT.items() if k != "max_position_embeddings"}, num_hidden_layers=4,
+                layer_types=["linear_attention", "full_attention", "full_attention", "moe"], ssm_state_size=8, mamba_num_heads=4,
+                mamba_head_dim=8, n_groups=2, conv_kernel=2, chunk_size=4, n_routed_experts=2, num_experts_per_tok=1,
+                moe_intermediate_size=16, moe_shared_expert_intermediate_size=16)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2.0, patch_size=4, image_size=16,
+                  max_img_size=32, num_cls_tokens=1, num_registers=1, video_temporal_patch_size=2)
+
+    def pixels(b):
+        return dict(pixel_values=torch.randn(b * 16, 3 * 4 * 4), image_grid_hw=torch.tensor([[4, 4]] * b))
+    return _plain(tf.NemotronH_Omni_Reasoning_V3, tf.NemotronH_Omni_Reasoning_V3_Config, 4, batch, pixels, text_config=text,
+                  vision_config=vision, image_token_id=IMG, vision_hidden_size=32, projector_hidden_size=32)
+
+
 def _lfm3_vl(batch):
     import transformers as tf
 
@@ -670,6 +705,7 @@ BUILDERS = {
     "deepseek_vl": _deepseek_vl,
     "deepseek_vl_hybrid": lambda b: _deepseek_vl(b, hybrid=True),
     "deepseek_ocr2": _deepseek_ocr2,
+    "unlimited_ocr": _unlimited_ocr,
     "janus": _janus,
     "ovis2": _ovis2,
     "aria": _aria,
@@ -703,10 +739,11 @@ BUILDERS = {
     "minicpmv4_6": _minicpmv4_6,
     "minicpm_ocr": lambda b: _minicpmv4_6(b, ocr=True),
     "minicpmv4_7": _minicpmv4_7,
+    "nemotron_h_omni": _nemotron_h_omni,
     # MoE text model with chunked-attention and NoPE layers
     "llama4": _llama4,
 }
-HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr", "minicpmv4_7"}
+HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr", "minicpmv4_7", "nemotron_h_omni"}
 
 
 # -- cross-attention families: the text reads the image only through cross-attention layers ---------
@@ -800,8 +837,8 @@ def alone_row(family, inputs, b):
     for k, v in inputs.items():
         if k in SEQ_KEYS or k in ("cross_attention_mask", "image_attention_mask"):
             out[k] = v[b : b + 1][:, keep]
-        elif k == "pixel_values" and "image_grid_thw" in inputs:  # flattened patches of every image
-            sizes = inputs["image_grid_thw"].prod(-1).tolist()
+        elif k == "pixel_values" and ("image_grid_thw" in inputs or "image_grid_hw" in inputs):  # flattened patches of every image
+            sizes = inputs.get("image_grid_thw", inputs.get("image_grid_hw")).prod(-1).tolist()
             start = sum(sizes[:b])
             out[k] = v[start : start + sizes[b]]
         elif k == "pixel_values" and "target_sizes" in inputs:  # MiniCPM-V: every image's patches packed along the width
