@@ -1,7 +1,6 @@
 """Real processors of the GLM-4.xV families (and more 3D-RoPE / packed-pixel families) on their tiny models."""
 from __future__ import annotations
 
-from unittest import mock
 
 import transformers as tf
 from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
@@ -9,22 +8,7 @@ from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImagePr
 from transformers.models.glmga.image_processing_pil_glmga import GlmgaImageProcessorPil
 
 from tiny_models import IMG
-from tiny_processors import ProcessorSpec, make_tokenizer, template
-
-
-def unchecked_video(cls, video_processor=None, **kw):
-    """``cls(video_processor=video_processor, **kw)``: the real processor class, built without
-    ProcessorMixin's class check of its video processor, which cannot run without torchvision (it
-    looks the base class ``VideoProcessorMixin`` up among transformers' video-processor mappings,
-    dummies then). The video processor (None, or a real one that is never called: its processing
-    needs torchvision) only serves the processor's video path, which these tests do not take."""
-    check = tf.ProcessorMixin.check_argument_for_proper_class
-
-    def lenient(self, name, arg):
-        return None if name == "video_processor" else check(self, name, arg)
-
-    with mock.patch.object(cls, "check_argument_for_proper_class", lenient):
-        return cls(video_processor=video_processor, **kw)
+from tiny_processors import ProcessorSpec, make_tokenizer, template, unchecked_video
 
 
 # -- GLM-4.1V / 4.5V / 4.6V / GLM-OCR / glmga: [gMASK]<sop><|user|>\n<|begin_of_image|><|image|><|end_of_image|>... -------
@@ -46,7 +30,7 @@ GLM_IP = dict(patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest
 def _glm(processor_cls, image_processor_cls, chat_template):
     def make():
         tok = make_tokenizer(specials=GLM_SPECIALS, ids=GLM_IDS)
-        return unchecked_video(processor_cls, image_processor=image_processor_cls(**GLM_IP), tokenizer=tok, chat_template=chat_template)
+        return unchecked_video(processor_cls, video_processor=None, image_processor=image_processor_cls(**GLM_IP), tokenizer=tok, chat_template=chat_template)
     return make
 
 
@@ -89,7 +73,7 @@ def _ernie4_5_vl_moe():
                          ids={"<|IMAGE_PLACEHOLDER|>": IMG, "<|IMAGE_START|>": 88, "<|IMAGE_END|>": 89, "<|VIDEO_PLACEHOLDER|>": 87})
     # patch 4, merge 2 (no temporal copies for images): a 32x16 image -> 8 tokens, 16x16 -> 4
     ip = Ernie4_5_VLMoeImageProcessorPil(patch_size=4, merge_size=2, size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
-    return unchecked_video(tf.Ernie4_5_VLMoeProcessor, image_processor=ip, tokenizer=tok, chat_template=ERNIE_TEMPLATE)
+    return unchecked_video(tf.Ernie4_5_VLMoeProcessor, video_processor=None, image_processor=ip, tokenizer=tok, chat_template=ERNIE_TEMPLATE)
 
 
 SPECS["ernie4_5_vl_moe"] = ProcessorSpec(_ernie4_5_vl_moe, (["Assistant", ":", "<think>"], "</think>"),
@@ -128,7 +112,7 @@ def _video_llama_3():
                          ids={"<|image_pad|>": IMG, "<|video_pad|>": 87})
     ip = VideoLlama3ImageProcessorPil(patch_size=4, size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
     chat = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|image_pad|>\n")
-    return unchecked_video(tf.VideoLlama3Processor, image_processor=ip, tokenizer=tok, chat_template=chat)
+    return unchecked_video(tf.VideoLlama3Processor, video_processor=None, image_processor=ip, tokenizer=tok, chat_template=chat)
 
 
 SPECS["video_llama_3"] = ProcessorSpec(_video_llama_3, (["<|im_start|>"], "assistant"), ["<|im_start|>", "<|im_end|>"],
@@ -185,14 +169,9 @@ def minicpm_feature_counts(model, inputs):
     return [sum(next(per_crop) for _ in range(n)) for n in crops]
 
 
-# Not in SPECS: their text stacks are hybrid (layer 0 a gated delta-net, no heads), so image
-# information reaches the answer through the recurrent layer too and all-head ablation cannot make it
-# image-independent; test_all_heads_ablated_answer_ignores_the_image would need a knob for hybrid
-# stacks (check instead, as tests/test_families.py's hybrid test does, that an own-image K/V baseline
-# changes nothing and a zero baseline changes the answer). The other four processor tests pass with them.
-HYBRID_SPECS: dict[str, ProcessorSpec] = {}
+# MiniCPM-V 4.6/4.7 and MiniCPM-OCR: hybrid text stacks (layer 0 a gated delta-net)
 for _family, _cls in (("minicpmv4_6", tf.MiniCPMV4_6Processor), ("minicpmv4_7", tf.MiniCPMV4_7Processor),
                       ("minicpm_ocr", tf.MiniCPMOcrProcessor)):
-    HYBRID_SPECS[_family] = ProcessorSpec(_minicpm(_cls, ocr=_family == "minicpm_ocr"), (["<|im_start|>"], "assistant"),
+    SPECS[_family] = ProcessorSpec(_minicpm(_cls, ocr=_family == "minicpm_ocr"), (["<|im_start|>"], "assistant"),
                                    ["<image_id>", "0", "</image_id>", "<image>", "</image>", "<slice>", "</slice>"],
                                    multi_image=True, tiles=True, sizes=GLM_SIZES, feature_counts=minicpm_feature_counts)

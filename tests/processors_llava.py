@@ -17,29 +17,11 @@ from transformers.models.video_llava.image_processing_video_llava import VideoLl
 
 from processors_core import LLAVA_TEMPLATE
 from tiny_models import CLIP, IMG, SIGLIP, TEXT
-from tiny_processors import ProcessorSpec, feature_counts, make_tokenizer, template
+from tiny_processors import ProcessorSpec, feature_counts, make_tokenizer, template, unchecked_video
 
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # anyres: a wide image gets two 32x32 tiles besides the base view
 VIDEO = 89  # the video token id of the tiny video models (tests/tiny_models.py)
 CHATML = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<image>\n")  # Qwen2 turns
-
-
-def without_video_processor(cls):
-    """``cls`` (the family's real processor class) built without a video processor.
-
-    ProcessorMixin checks every sub-processor against its base class, and transformers exports the
-    video processors' base class (VideoProcessorMixin) only where torchvision works — not here — so
-    the real class refuses even ``video_processor=None``. This subclass skips that one check for a
-    missing video processor; everything else (prompt expansion, image processing) is the real class's."""
-
-    class NoVideo(cls):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    NoVideo.__name__ = NoVideo.__qualname__ = cls.__name__
-    return NoVideo
 
 
 def _llava_onevision_model():
@@ -56,7 +38,7 @@ def _llava_onevision():
     ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
     tok = make_tokenizer({"image_token": "<image>", "video_token": "<video>"}, ("<|im_start|>", "<|im_end|>"),
                          ids={"<image>": IMG, "<video>": VIDEO})
-    return without_video_processor(tf.LlavaOnevisionProcessor)(ip, tok, video_processor=None, num_image_tokens=16,
+    return unchecked_video(tf.LlavaOnevisionProcessor, ip, tok, video_processor=None, num_image_tokens=16,
                                                                 vision_feature_select_strategy="full", chat_template=CHATML)
 
 
@@ -110,7 +92,7 @@ def _llava_next_video():
     # images as LLaVA-NeXT (anyres tiles, CLS dropped); the checkpoints' Vicuna turns (USER: ... ASSISTANT:)
     ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS)
     tok = make_tokenizer({"image_token": "<image>", "video_token": "<video>"}, ids={"<image>": IMG, "<video>": VIDEO})
-    return without_video_processor(tf.LlavaNextVideoProcessor)(None, ip, tok, chat_template=LLAVA_TEMPLATE, patch_size=8,
+    return unchecked_video(tf.LlavaNextVideoProcessor, None, ip, tok, chat_template=LLAVA_TEMPLATE, patch_size=8,
                                                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
@@ -118,7 +100,7 @@ def _video_llava():
     # its own image processor (numpy, no torchvision) gives pixel_values_images; Vicuna turns as the checkpoints'
     ip = VideoLlavaImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     tok = make_tokenizer({"image_token": "<image>", "video_token": "<video>"}, ids={"<image>": IMG, "<video>": VIDEO})
-    return without_video_processor(tf.VideoLlavaProcessor)(ip, None, tok, patch_size=8, vision_feature_select_strategy="default",
+    return unchecked_video(tf.VideoLlavaProcessor, ip, None, tok, patch_size=8, vision_feature_select_strategy="default",
                                                            num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
 
 
@@ -163,7 +145,7 @@ def _internvl():
     tok = make_tokenizer(named, ("<|im_start|>", "<|im_end|>"), ids={"<IMG_CONTEXT>": IMG})
     ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
     chat = template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<IMG_CONTEXT>\n")
-    return without_video_processor(tf.InternVLProcessor)(ip, tok, None, image_seq_length=4, chat_template=chat)
+    return unchecked_video(tf.InternVLProcessor, ip, tok, None, image_seq_length=4, chat_template=chat)
 
 
 def _qianfan_ocr():

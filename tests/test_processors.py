@@ -18,7 +18,7 @@ import processors_ocr
 import processors_qwen
 from headsteer import HeadsteerError, get_adapter, intervene
 from headsteer.attribution.engine import SuffixRunner, ablated_logits, fast_path_refusal, naive_logits
-from headsteer.baseline import ZeroBaseline
+from headsteer.baseline import TensorBaseline, ZeroBaseline
 from tiny_models import IMG, tiny
 from tiny_processors import Q_LONG, Q_SHORT, build, feature_counts, image, last_logits, make_tokenizer, multi_image_inputs, random_baseline
 
@@ -64,15 +64,36 @@ def test_token_groups_follow_the_chat_template(built):
         assert not (groups["question"] & groups["image"]).any()
 
 
-def test_all_heads_ablated_answer_ignores_the_image(built, request):
+def own_image_kv(model, ad, inputs):
+    """The prompt's own K/V at its image positions, as a baseline."""
+    cap = {}
+    with torch.no_grad(), intervene(model, capture=cap):
+        model(**inputs)
+    img = ad.image_mask(inputs["input_ids"])[0]
+    k, v = (torch.stack([cap[l][i][0][:, img] for l in range(ad.num_layers)]) for i in (0, 1))
+    return TensorBaseline(k, v, "own")
+
+
+def test_all_heads_ablated_answer_ignores_the_image(built):
     # idefics3 splits the image into tiles with <fake_token_around_image>/<row_i_col_j> between them:
     # those text tokens read the earlier tiles, so ablation acts on every text query after the FIRST
     # image token (group sees_image), or the image would leak through them
     family, spec, model, ad = built
     a, b = (ad.encode([image(s, spec.sizes[0])], [Q_LONG]) for s in (0, 1))
     assert torch.equal(a["input_ids"], b["input_ids"])
-    assert (last_logits(model, a) - last_logits(model, b)).abs().max() > 1e-4  # the image matters
-    with intervene(model, ablate="*", baseline=ZeroBaseline(ad.num_kv_heads, ad.head_dim)):
+    ref = last_logits(model, a)
+    assert (ref - last_logits(model, b)).abs().max() > 1e-4  # the image matters
+    zero = ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    if ad.hybrid:
+        # the recurrent/convolution layers carry the image too, with no heads to ablate (as in
+        # tests/test_families.py::test_hybrid_ablation_acts_on_attention_layers_only): every head
+        # ablated with the prompt's own image K/V changes nothing, a zero baseline changes the answer
+        with intervene(model, ablate="*", baseline=own_image_kv(model, ad, a)):
+            torch.testing.assert_close(last_logits(model, a), ref, atol=1e-5, rtol=1e-5)
+        with intervene(model, ablate="*", baseline=zero):
+            assert (last_logits(model, a) - ref).abs().max() > 1e-4
+        return
+    with intervene(model, ablate="*", baseline=zero):
         torch.testing.assert_close(last_logits(model, a), last_logits(model, b), atol=1e-5, rtol=0)
 
 
