@@ -31,8 +31,8 @@ _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids
 __all__ = ["NO_FAST_PATH", "SuffixRunner", "fast_path_refusal", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
 
 
-_SPLIT = ("text tokens between image tokens (tile markers, or several images) read the image inside the "
-          "prefix, so ablation changes the prefix and it cannot be shared")
+_SPLIT = ("text tokens between image tokens (tile markers, or several images), or a marker opening a bidirectional "
+          "image block, read the image inside the prefix, so ablation changes the prefix and it cannot be shared")
 
 
 def fast_path_refusal(ad, input_ids=None) -> str | None:

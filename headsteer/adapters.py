@@ -10,10 +10,12 @@ layers' query heads (``Adapter.attention`` holds the cross-attention modules onl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from PIL import Image
 from torch import nn
+from transformers import ProcessorMixin
 
 from .compat import apply_compat
 from .errors import HeadsteerError
@@ -184,6 +186,9 @@ _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 # Families whose processor prepends num_query_tokens image tokens to the tokenized prompt (after
 # left-padding it, so a shorter prompt has its padding between the image and the text).
 _PREPENDS_IMAGE = ("blip-2", "instructblip")
+# Families whose processor writes the image placeholder itself and takes no chat template (IDEFICS; Fuyu puts
+# |SPEAKER| before the text and <0x04> after it): the prompt is the question itself.
+QUESTION_ONLY_PROMPTS = ("idefics", "fuyu", *_PREPENDS_IMAGE)
 
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
@@ -195,15 +200,29 @@ POSITION_BASE = {"paligemma": 1}
 # Families whose model needs the processor's mm_token_type_ids (which tokens are image/video, for its
 # 3D RoPE) but whose processor returns them only when asked (transformers 5.24's Cosmos3EdgeProcessor).
 ASK_MM_TOKEN_TYPES = {"cosmos3_edge"}
+# Families whose image block (every token the processor marks in mm_token_type_ids, markers included)
+# attends to itself bidirectionally: the marker opening it comes before the first image token yet reads
+# the image (Molmo2's <low_res_im_start>), so it counts as text that sees the image. model_type -> the
+# config attributes naming those opening markers' ids.
+BIDIRECTIONAL_OPENERS = {"molmo2": ("low_res_image_start_token_id", "image_start_token_id", "frame_start_token_id")}
 # Families whose processor takes one list of images per prompt: a flat list of a batch's images is read
 # as all images of every prompt (Gemma 3 and LFM2-VL then refuse a batch of two prompts).
-NESTED_IMAGES = {"idefics3", "smolvlm", "gemma3", "mllama", "lfm2_vl"}
+NESTED_IMAGES = {"idefics3", "smolvlm", "gemma3", "mllama", "lfm2_vl", "shieldgemma2"}
 # Families whose checkpoints ship no chat template but whose processor writes its own turns around
 # the image: (user turn, with {image} for the processor's image token and {question}; generation prompt).
 PROCESSOR_PROMPTS = {
     "got_ocr2": ("<|im_start|>system\nYou should follow the instructions carefully and explain your answers in detail."
                  "<|im_end|><|im_start|>user\n<img>{image}</img>\n{question}<|im_end|>", "<|im_start|>assistant\n"),
 }
+# Families whose processor's __call__ ignores ``text`` and builds its own prompts from its chat template
+# (ShieldGemma 2: one chat per image x policy, the policy as the user's text). The question takes the
+# policy's place: ``prompt`` renders the same chat with the question as the text, and ``encode`` hands it
+# to the base ProcessorMixin.__call__ (the processor's own last step), renaming its outputs as the
+# processor does. model_type -> {output name: the processor's name for it}.
+OWN_PROMPT_PROCESSORS = {"shieldgemma2": {"mm_token_type_ids": "token_type_ids"}}
+# Families whose chat template ignores add_generation_prompt and always ends with the model turn: that
+# turn (the role tokens, then the last token).
+MODEL_TURNS = {"shieldgemma2": "<start_of_turn>model\n"}
 
 
 def supported_families() -> str:
@@ -322,7 +341,8 @@ class Adapter:
         ``after_image``: every real position after the last image token (the text the image flows
         into); ``sees_image``: every real text position after the *first* image token — also the
         tokens between image tiles or between several images, which read the image too (head
-        ablation acts on these queries); ``question``: those before the generation prompt; ``role``: the generation-prompt
+        ablation acts on these queries), and the marker opening a bidirectional image block
+        (``BIDIRECTIONAL_OPENERS``); ``question``: those before the generation prompt; ``role``: the generation-prompt
         tokens (e.g. ``ASSISTANT`` ``:``) except the last token; ``last``: the final real token.
         ``object``/``background`` split the image tokens when ``object_patches`` (bool [B, n_img])
         is given.
@@ -333,8 +353,8 @@ class Adapter:
         idx = torch.arange(T, device=input_ids.device).expand(B, T)
         last_img = torch.where(image, idx, torch.full_like(idx, -1)).max(dim=1).values
         after = (idx > last_img[:, None]) & real & (last_img[:, None] >= 0)
-        first_img = torch.where(image, idx, torch.full_like(idx, T)).min(dim=1).values
-        sees = (idx > first_img[:, None]) & real & ~image
+        first_img = torch.where(image | self._opener_mask(input_ids), idx, torch.full_like(idx, T)).min(dim=1).values
+        sees = (idx >= first_img[:, None]) & real & ~image
         last_pos = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=1).values
         last = idx == last_pos[:, None]
         n_role = self.num_role_tokens()
@@ -363,6 +383,12 @@ class Adapter:
             groups["background"] = image & ~obj
         return groups
 
+    def _opener_mask(self, input_ids):
+        """bool [B, T]: the markers opening a bidirectional image block (``BIDIRECTIONAL_OPENERS``)."""
+        cfg = self.model.config
+        ids = [getattr(cfg, a) for a in BIDIRECTIONAL_OPENERS.get(self.model_type, ()) if getattr(cfg, a, None) is not None]
+        return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
+
     def _special_mask(self, input_ids):
         tok = getattr(self.processor, "tokenizer", None)
         ids = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
@@ -381,7 +407,9 @@ class Adapter:
         if not hasattr(self, "_n_role"):
             self._n_role = 1
             tok = getattr(self.processor, "tokenizer", None)
-            if tok is not None and getattr(self.processor, "chat_template", None):
+            if tok is not None and self.model_type in MODEL_TURNS:  # its template ends with this turn, flag or not
+                self._n_role = max(1, len(tok(MODEL_TURNS[self.model_type], add_special_tokens=False).input_ids))
+            elif tok is not None and getattr(self.processor, "chat_template", None):
                 try:
                     msgs = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
                     with_gen = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -400,7 +428,7 @@ class Adapter:
         proc = self.processor
         if proc is None:
             raise HeadsteerError("this model was loaded without a processor; pass processor= to build prompts")
-        if self.model_type in ("idefics", *_PREPENDS_IMAGE):
+        if self.model_type in QUESTION_ONLY_PROMPTS:
             return question  # its processor puts the image tokens first and takes no chat template
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -446,7 +474,12 @@ class Adapter:
             kw = self.processor_kwargs()
             if self.model_type in NESTED_IMAGES:
                 images = [[im] for im in images]
-            batch = proc(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
+            renames = OWN_PROMPT_PROCESSORS.get(self.model_type, {})
+            call = partial(ProcessorMixin.__call__, proc) if renames else proc
+            batch = call(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
+            for ours, theirs in renames.items():
+                if ours in batch:
+                    batch[theirs] = batch.pop(ours)
         finally:
             tok.padding_side = old
         dev = device or next(self.model.parameters()).device
