@@ -1,15 +1,22 @@
 """Real processors of the Idefics-like and other families on their tiny models: SmolVLM,
-Granite-Docling, Idefics2, Aria.
+Granite-Docling, Idefics2, Aria, Fuyu (with documented stand-ins where transformers 5.24's FuyuProcessor
+breaks: it hands FuyuImageProcessorPil.patchify_image torch tensors it cannot transpose, and drops the
+first token of the image placeholder text, a "▁" only a sentencepiece tokenizer writes).
 
-Not here: ShieldGemma 2 (ShieldGemma2Processor ignores ``text``: it builds one prompt per image x
-policy from its chat template, which opens a second user turn after the image and always ends with
-the model turn) and Fuyu (transformers 5.24's FuyuProcessor hands FuyuImageProcessorPil.patchify_image
-torch tensors it cannot transpose, and drops the first token of the image placeholder text)."""
+ShieldGemma 2: ShieldGemma2Processor ignores ``text`` and builds one prompt per image x policy from its
+chat template; headsteer asks the question as the policy (adapters.OWN_PROMPT_PROCESSORS). Its template
+opens a second user turn after the image, wraps the question in its policy instruction, and always ends
+with the model turn (adapters.MODEL_TURNS)."""
+import math
 from unittest import mock
+
+import numpy as np
 
 import torch
 import transformers as tf
 from transformers.models.aria.image_processing_pil_aria import AriaImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil
 from transformers.models.granite_docling.image_processing_pil_granite_docling import GraniteDoclingImageProcessorPil
 from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 from transformers.models.smolvlm import processing_smolvlm
@@ -18,7 +25,7 @@ from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoPro
 
 from processors_core import IDEFICS3_ROWS
 from tiny_models import IMG, TEXT, tiny
-from tiny_processors import ProcessorSpec, make_tokenizer, template, unchecked_video
+from tiny_processors import SIZES, ProcessorSpec, image, make_tokenizer, template, unchecked_video
 
 
 def _smolvlm():
@@ -85,6 +92,93 @@ def _aria_model():
     return tf.AriaForConditionalGeneration(cfg).eval()
 
 
+# ShieldGemma 2's chat template as its conversion script (convert_shieldgemma2_weights_orbax_to_hf.py) writes it:
+# every content item opens a user turn (so the policy text opens a second one after the image), and it
+# always ends with the model turn, add_generation_prompt or not
+SHIELDGEMMA2_TEMPLATE = r"""{{ bos_token }}
+{%- for message in messages -%}
+    {%- if message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {{ '<start_of_turn>user\n' }}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ 'You are a policy expert trying to help determine whether a generated or real image is in' }}
+                {{ ' violation of the safety policy below. Your decision must very clearly follow the specific'}}
+                {{ ' language used in the safety policy and should not include any interpretation outside of the' }}
+                {{ ' safety policy.\n\n' }}
+                {{ '<BEGIN_SAFETY_POLICY>\n' }}
+                {{ item['text'] + '\n' }}
+                {{ '</END_SAFETY_POLICY>\n\n' }}
+                {{ 'Does the image violate the above policy? Your Answer must start with \'Yes\' or \'No\'.' }}
+                {{ '<end_of_turn>\n' }}
+            {%- endif -%}
+        {%- endfor -%}
+        {{'<start_of_turn>model\n'}}
+    {%- else -%}
+        {{ raise_exception("Conversation messages must contain iterable content containing images and policy definitions in text.") }}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
+def _shieldgemma2():
+    # Gemma 3's tokens: <start_of_image> is the placeholder the template writes, which the processor
+    # expands to <start_of_image> + image_seq_length x <image_soft_token> + <end_of_image>
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = make_tokenizer(named, ("<start_of_turn>", "<end_of_turn>"),
+                         ids={"<image_soft_token>": IMG, "<start_of_image>": 85, "<end_of_image>": 86})
+    return tf.ShieldGemma2Processor(Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tok, image_seq_length=4,
+                                    chat_template=SHIELDGEMMA2_TEMPLATE)
+
+
+class TorchPatchifyFuyuImageProcessor(FuyuImageProcessorPil):
+    """transformers 5.24's FuyuProcessor hands ``patchify_image`` the torch tensors the Pil image processor
+    returns, which its numpy code cannot transpose; this stand-in takes them through numpy and back."""
+
+    def patchify_image(self, image, patch_size=None):
+        return torch.from_numpy(np.asarray(super().patchify_image(image.numpy(), patch_size)))
+
+
+class PrefixSpaceTokenizer(tf.PreTrainedTokenizerFast):
+    """FuyuProcessor drops the first token of its image placeholder text (``|SPEAKER| ... |NEWLINE|<s>``),
+    the lone "▁" that Fuyu's sentencepiece tokenizer puts before a text opening with a special token.
+    This stand-in for that tokenizer's one behaviour writes the "▁" (a special token here)."""
+
+    def __call__(self, text=None, *args, **kwargs):
+        if isinstance(text, str) and text.startswith("|SPEAKER|"):
+            text = "▁" + text
+        return super().__call__(text, *args, **kwargs)
+
+
+def _fuyu_image_processor():
+    # fit in 32x32 (keeping the aspect ratio), cut into 8x8 patches: a row of |SPEAKER| per patch row
+    return TorchPatchifyFuyuImageProcessor(size={"height": 32, "width": 32}, patch_size={"height": 8, "width": 8})
+
+
+def _fuyu():
+    # the processor prepends |SPEAKER| to the prompt, expands it into rows of |SPEAKER| each closed by
+    # |NEWLINE|, then <s>, the prompt and <0x04> (beginning of answer)
+    tok = make_tokenizer(specials=("|SPEAKER|", "|NEWLINE|", "<0x04>", "▁"), ids={"|SPEAKER|": IMG})
+    tok.__class__ = PrefixSpaceTokenizer
+    return tf.FuyuProcessor(_fuyu_image_processor(), tok)
+
+
+def _fuyu_feature_counts(model, inputs):
+    """Fuyu's get_image_features makes one flat [patches, hidden] tensor of the whole batch, filled into
+    the image tokens in order. Per image (test_image_mask's images have SIZES): the 8x8 patches covering
+    the resized image, which add up to the model's features."""
+    ip = _fuyu_image_processor()
+    counts = []
+    for size in SIZES:
+        out = ip([image(0, size)])
+        h, w = out["image_unpadded_heights"][0][0], out["image_unpadded_widths"][0][0]
+        counts.append(math.ceil(h / 8) * math.ceil(w / 8))
+    with torch.no_grad():
+        assert len(model.model.get_image_features(inputs["image_patches"]).last_hidden_state) == sum(counts)
+    return counts
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "smolvlm": ProcessorSpec(_smolvlm, (["Assistant"], ":"), ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>",
                                                                "<row_1_col_2>"], multi_image=True, tiles=True),
@@ -93,4 +187,14 @@ SPECS: dict[str, ProcessorSpec] = {
                                      multi_image=True, tiles=True),
     "idefics2": ProcessorSpec(_idefics2, (["Assistant"], ":"), ["<fake_token_around_image>"], multi_image=True, model=_idefics2_model),
     "aria": ProcessorSpec(_aria, (["<|im_start|>"], "assistant"), ["<fim_prefix>", "<fim_suffix>"], multi_image=True, model=_aria_model),
+    # no chat template: the prompt is the question, ended by the processor's <0x04>
+    "fuyu": ProcessorSpec(_fuyu, ([], "<0x04>"), ["|NEWLINE|", "<s>"], tiles=True, feature_counts=_fuyu_feature_counts),
 }
+
+# The template writes its policy instruction (a second "<start_of_turn>user" turn, "You are a policy expert
+# ... <BEGIN_SAFETY_POLICY>" before the question and "</END_SAFETY_POLICY> Does the image violate the above
+# policy? ..." after it) between the image and the model turn: those words are in the "question" group too
+# (the ones the tiny vocabulary lacks are <unk>, a special token). One image per prompt (the processor
+# refuses more); the template always ends with the model turn.
+SPECS["shieldgemma2"] = ProcessorSpec(_shieldgemma2, (["<start_of_turn>"], "model"), ["<start_of_image>", "<end_of_image>"],
+                                      question_wrap=(["user", "is", "the", "the", "the", "and", "the"], ["the", "the", "?"]))

@@ -14,6 +14,7 @@ import processors_core
 import processors_glm
 import processors_idefics
 import processors_llava
+import processors_more
 import processors_ocr
 import processors_qwen
 from headsteer import HeadsteerError, get_adapter, intervene
@@ -23,7 +24,8 @@ from tiny_models import IMG, tiny
 from tiny_processors import Q_LONG, Q_SHORT, build, feature_counts, image, last_logits, make_tokenizer, multi_image_inputs, random_baseline
 
 SPECS = {}
-for _module in (processors_core, processors_llava, processors_qwen, processors_glm, processors_idefics, processors_ocr):
+for _module in (processors_core, processors_llava, processors_qwen, processors_glm, processors_idefics, processors_ocr,
+                processors_more):
     assert not set(SPECS) & set(_module.SPECS), "a family has two processor specs"
     SPECS.update(_module.SPECS)
 
@@ -60,7 +62,8 @@ def test_token_groups_follow_the_chat_template(built):
         names = lambda g: tok.convert_ids_to_tokens(ids[b][groups[g][b]].tolist())  # noqa: E731
         assert names("role") == role
         assert names("last") == [last] and groups["last"][b, -1]
-        assert names("question") == q.split()
+        before, after = spec.question_wrap
+        assert names("question") == before + q.split() + after
         assert not (groups["question"] & groups["image"]).any()
 
 
@@ -193,3 +196,20 @@ def test_blip_all_heads_ablated_answer_ignores_the_image_on_the_naive_path(famil
     masks = torch.ones(1, ad.num_layers, ad.num_heads, dtype=torch.bool)
     got = [ablated_logits(model, ad.processor, image(s), Q_LONG, masks, baseline="zero") for s in (0, 1)]
     torch.testing.assert_close(got[0], got[1], atol=1e-5, rtol=0)
+
+
+def test_shieldgemma2_question_takes_the_policy_place():
+    """ShieldGemma2Processor ignores ``text`` (one prompt per image x policy): each encoded row is what
+    the processor itself builds for that image with the question as its one custom policy."""
+    spec = SPECS["shieldgemma2"]
+    model, proc = build("shieldgemma2", spec)
+    ad = get_adapter(model, proc)
+    images, questions = [image(0), image(1)], [Q_LONG, Q_SHORT]
+    batch = ad.encode(images, questions)
+    assert len(batch["input_ids"]) == 2
+    for b in range(2):
+        own = proc(images=[images[b]], custom_policies={"q": questions[b]}, policies=["q"], return_tensors="pt")
+        keep = batch["attention_mask"][b].bool()
+        for k in ("input_ids", "token_type_ids"):
+            assert torch.equal(batch[k][b][keep], own[k][0])
+        torch.testing.assert_close(batch["pixel_values"][b], own["pixel_values"][0])

@@ -32,8 +32,9 @@ class ProcessorSpec:
     processor takes several images in one prompt; ``tiles``: a wide and a square image get different
     numbers of image tokens; ``fast_refusal``: the fast path refuses even a one-image prompt, with an
     error matching this; ``model``: builds the tiny model (default ``tiny(family, batch=1)[0]``);
-    ``sizes``: the (wide, square) image sizes the tests use; ``nested``: the processor wants one list
-    of images per prompt."""
+    ``sizes``: the (wide, square) image sizes the tests use; ``question_wrap``: the template's words
+    before and after the question, between the image and the generation prompt (the ``question`` group
+    holds every text token there)."""
 
     processor: Callable[[], object]
     role: tuple[list[str], str]
@@ -44,6 +45,7 @@ class ProcessorSpec:
     model: Callable[[], torch.nn.Module] | None = None
     sizes: tuple = tuple(SIZES)
     feature_counts: Callable | None = None  # (model, inputs) -> image tokens per image, where get_image_features differs
+    question_wrap: tuple[list[str], list[str]] = ([], [])
 
 
 def build(family: str, spec: ProcessorSpec):
