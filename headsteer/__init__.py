@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "HeadSet": "heads", "load": "load", "default_model_path": "load", "Adapter": "adapters", "get_adapter": "adapters",
-    "supported_families": "adapters", "intervene": "intervene", "Spec": "intervene", "Knockout": "intervene",
+    "supported_families": "families", "intervene": "intervene", "Spec": "intervene", "Knockout": "intervene",
     "Recorder": "intervene",
 }
 _SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervene", "load", "toy"}  # import headsteer.X

@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from .adapters import check_family, get_adapter
+from .adapters import get_adapter
 from .errors import HeadsteerError
+from .families import check_family
 
 DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

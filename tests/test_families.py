@@ -10,7 +10,7 @@ import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
 from headsteer import HeadsteerError, get_adapter, intervene
-from headsteer.adapters import CROSS_FAMILIES, FAMILIES, REFUSED
+from headsteer.families import CROSS_FAMILIES, FAMILIES, REFUSED
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from headsteer.compat import apply_compat
