@@ -1,4 +1,88 @@
-"""Real processors of the last families on their tiny models (DeepSeek-OCR 2, Nemotron 3 Nano Omni, Unlimited-OCR)."""
-from tiny_processors import ProcessorSpec
+"""Real processors of the last families on their tiny models: Nemotron 3 Nano Omni (hybrid Mamba-2 +
+attention text; patches of an aspect-preserving resize, pixel-shuffled 2x2) and Unlimited-OCR (SAM +
+CLIP global view), whose image processors need torchvision, with documented stand-ins."""
+import math
 
-SPECS: dict[str, ProcessorSpec] = {}
+import numpy as np
+import torch
+import transformers as tf
+from torch.nn import functional as F
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
+
+from tiny_models import IMG
+from tiny_processors import ProcessorSpec, make_tokenizer, template, unchecked_video
+
+QWEN_TURNS = ("<|im_start|>", "<|im_end|>")
+
+
+def _nemotron_grid(height, width, patch, merge, min_patches, max_patches):
+    """The real get_patch_grid_size: the (rows, cols) patch grid an image is resized to."""
+    gh, gw = round(height / patch + 0.5), round(width / patch + 0.5)
+    factor = min(math.sqrt(max_patches / (gh * gw)), 1.0)
+    gh, gw = math.floor(factor * gh), math.floor(factor * gw)
+    if max_patches > min_patches and gh * gw < min_patches:
+        factor = math.sqrt(min_patches / (gh * gw))
+        gh, gw = math.ceil(factor * gh), math.ceil(factor * gw)
+    if r := gh % merge:
+        gh = gh + merge - r if (gh + merge - r) * gw <= max_patches else max(merge, gh - r)
+    if r := gw % merge:
+        gw = gw + merge - r if gh * (gw + merge - r) <= max_patches else max(merge, gw - r)
+    return gh, gw
+
+
+class NemotronOmniPilImageProcessor(PilBackend):
+    """NemotronH_Omni_Reasoning_V3ImageProcessor needs torchvision, which headsteer does not depend on.
+    This stand-in follows the real class's code (transformers/models/nemotron_h_omni/
+    image_processing_nemotron_h_omni.py): every image of a call gets the patch budget
+    clamp((max_model_len - 4) * merge**2, [min_num_patches, max_num_patches]); get_patch_grid_size picks
+    its grid (both sides multiples of merge = 1 / downsample_ratio); the image is resized to that grid
+    in float32 (bicubic with antialiasing, as torchvision resizes a float tensor; skipped when it already
+    fits), rescaled, normalized with OpenAI CLIP mean/std and cut into row-major patches laid out
+    (channel, y, x): pixel_values float [patches of every image, 3*patch*patch], image_grid_hw long
+    [images, 2]. The checkpoints' 16-pixel patches and min_num_patches 1024 become 4 and 4, for the tiny
+    RADIO tower (the test images then keep their size: (96, 32) -> 8x24 patches, (32, 32) -> 8x8).
+    Left out: per-shape grouping (each image is processed alone, same result)."""
+
+    model_input_names = ["pixel_values", "image_grid_hw"]
+
+    def __init__(self, patch_size=4, downsample_ratio=0.5, min_num_patches=4, max_num_patches=13312, max_model_len=16384, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size, self.downsample_ratio = patch_size, downsample_ratio
+        self.min_num_patches, self.max_num_patches, self.max_model_len = min_num_patches, max_num_patches, max_model_len
+
+    def __call__(self, images, return_tensors=None, **kwargs):
+        images, p = make_flat_list_of_images(images), self.patch_size
+        merge = round(1 / self.downsample_ratio)
+        budget = max((self.max_model_len - 4) * merge ** 2, self.min_num_patches * len(images))
+        if self.max_num_patches:
+            budget = min(budget, self.max_num_patches)
+        budget = max(budget, self.min_num_patches)
+        mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+        pixels, grids = [], []
+        for im in images:
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+            gh, gw = _nemotron_grid(x.shape[1], x.shape[2], p, merge, self.min_num_patches, budget)
+            if x.shape[1:] != (gh * p, gw * p):
+                x = F.interpolate(x[None], size=(gh * p, gw * p), mode="bicubic", align_corners=False, antialias=True)[0]
+            x = (x / 255 - mean) / std
+            pixels.append(x.reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3 * p * p))
+            grids.append([gh, gw])
+        return BatchFeature({"pixel_values": torch.cat(pixels), "image_grid_hw": torch.tensor(grids)}, tensor_type=return_tensors)
+
+
+def _nemotron_h_omni():
+    # <image> becomes <img> <image> x (patches / 4) </img>; the turns are ChatML's (<|im_start|>/<|im_end|>,
+    # as Nemotron-H's tokenizer); the processor also holds the real Parakeet audio feature extractor (never
+    # called here) and takes video (None)
+    tok = make_tokenizer({"image_token": "<image>", "image_start_token": "<img>", "image_end_token": "</img>"}, QWEN_TURNS)
+    return unchecked_video(tf.NemotronH_Omni_Reasoning_V3Processor, NemotronOmniPilImageProcessor(), None, tok,
+                           tf.ParakeetFeatureExtractor(),
+                           chat_template=template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<image>\n"))
+
+
+SPECS: dict[str, ProcessorSpec] = {
+    "nemotron_h_omni": ProcessorSpec(_nemotron_h_omni, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True,
+                                     tiles=True),
+}
