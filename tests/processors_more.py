@@ -10,6 +10,8 @@ from torch.nn import functional as F
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
+# the same function as unlimited_ocr's torchvision module holds (it is copied there), from a module that imports without it
+from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import get_optimal_tiled_canvas
 
 from tiny_models import IMG
 from tiny_processors import ProcessorSpec, make_tokenizer, template, unchecked_video
@@ -82,7 +84,76 @@ def _nemotron_h_omni():
                            chat_template=template("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<image>\n"))
 
 
+def _resize_bytes(x, height, width):
+    """uint8-valued float [C, H, W] resized bicubic with antialiasing and rounded back to bytes, as
+    torchvision resizes a uint8 tensor."""
+    return F.interpolate(x[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0].round().clamp(0, 255)
+
+
+class UnlimitedOcrPilImageProcessor(PilBackend):
+    """UnlimitedOcrImageProcessor needs torchvision, which headsteer does not depend on. This stand-in
+    follows the real class's code (transformers/models/unlimited_ocr/image_processing_unlimited_ocr.py,
+    crop_to_patches=True): an image whose longer side exceeds tile_size is resized to the canvas of
+    tiles the real get_optimal_tiled_canvas picks (DeepSeek-OCR 2's Pil module holds the same code) and cut into
+    tile_size squares in raster order; every image also gets a global view, resized so its longer side
+    is max(size) (aspect kept) and padded to a square with (127, 127, 127), centred. Resizing is
+    bicubic with antialiasing, rounded back to bytes (torchvision on a uint8 tensor); then rescale and
+    normalize (mean = std = 0.5). Outputs: pixel_values float [images, 3, S, S], pixel_values_local
+    float [tiles of every image, 3, T, T] (only when some image is tiled), num_local_patches and
+    patches_grid ((columns, rows); (1, 1) untiled) as lists. The checkpoints' 1024-pixel global view and
+    640-pixel tiles become 128 and 128, for the tiny SAM tower (2x2 queries per view)."""
+
+    model_input_names = ["pixel_values", "num_local_patches", "patches_grid"]
+
+    def __init__(self, size=None, tile_size=128, min_patches=2, max_patches=32, background_color=(127, 127, 127), **kwargs):
+        super().__init__(**kwargs)
+        self.size = size or {"height": 128, "width": 128}
+        self.tile_size, self.min_patches, self.max_patches = tile_size, min_patches, max_patches
+        self.background_color = list(background_color)
+
+    def __call__(self, images, return_tensors=None, **kwargs):
+        t, side = self.tile_size, max(self.size["height"], self.size["width"])
+        norm = lambda x: (x / 255 - 0.5) / 0.5  # noqa: E731
+        views, local, counts, grids = [], [], [], []
+        for im in make_flat_list_of_images(images):
+            x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+            h, w = x.shape[1:]
+            if max(h, w) > t:
+                cols, rows = get_optimal_tiled_canvas((h, w), (t, t), self.min_patches, self.max_patches)
+                canvas = norm(_resize_bytes(x, rows * t, cols * t))
+                local += [canvas[:, r * t : (r + 1) * t, c * t : (c + 1) * t] for r in range(rows) for c in range(cols)]
+                counts.append(rows * cols)
+            else:
+                cols, rows = 1, 1
+                counts.append(0)
+            grids.append([cols, rows])
+            scale = side / max(h, w)
+            nh, nw = round(h * scale), round(w * scale)
+            g = torch.tensor(self.background_color, dtype=torch.float32)[:, None, None].expand(3, side, side).clone()
+            top, left = (side - nh) // 2, (side - nw) // 2
+            g[:, top : top + nh, left : left + nw] = _resize_bytes(x, nh, nw)
+            views.append(norm(g))
+        data = {"pixel_values": torch.stack(views)}
+        if local:
+            data["pixel_values_local"] = torch.stack(local)
+        data["num_local_patches"], data["patches_grid"] = counts, grids
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["num_local_patches", "patches_grid"])
+
+
+def _unlimited_ocr():
+    # <image> becomes 7 <image> per global view (2x2 queries + a newline per row + a view separator) and,
+    # for a tiled image, (rows * 2) x (columns * 2 + 1) more; the processor's defaults (16-pixel SAM
+    # patches, downsample 4) are the real ones. A cut-down template (the checkpoint's is not available
+    # offline): DeepSeek's <|User|> / <|Assistant|> turns, the image before the question
+    tok = make_tokenizer({"image_token": "<image>"}, ("<|User|>", "<|Assistant|>"))
+    return tf.UnlimitedOcrProcessor(UnlimitedOcrPilImageProcessor(), tok,
+                                    chat_template=template("<|User|>: ", "\n\n", "<|Assistant|>:", "<image>\n"))
+
+
 SPECS: dict[str, ProcessorSpec] = {
     "nemotron_h_omni": ProcessorSpec(_nemotron_h_omni, (["<|im_start|>"], "assistant"), ["<img>", "</img>"], multi_image=True,
                                      tiles=True),
+    # the wide image (256 x 128) gets 2 tiles besides the global view, the square one (128 x 128) none
+    "unlimited_ocr": ProcessorSpec(_unlimited_ocr, (["<|Assistant|>"], ":"), multi_image=True, tiles=True,
+                                   sizes=((256, 128), (128, 128))),
 }
