@@ -1,6 +1,13 @@
 """Real processors of the last families on their tiny models: Nemotron 3 Nano Omni (hybrid Mamba-2 +
 attention text; patches of an aspect-preserving resize, pixel-shuffled 2x2) and Unlimited-OCR (SAM +
-CLIP global view), whose image processors need torchvision, with documented stand-ins."""
+CLIP global view, and local tiles), whose image processors need torchvision, with documented stand-ins.
+
+DeepSeek-OCR 2 is not in SPECS: its prompt is the bare "<image>\n{question}" (no chat turns), so it ends
+on the question's last word, which is the ``last`` token (role ([], "?")), and the ``question`` group is
+the question without it; test_token_groups_follow_the_chat_template expects every word of the question
+in that group and has no spec knob for a prompt that is the question itself (the BLIP test checks that
+layout by hand). ``_deepseek_ocr2`` and ``_deepseek_ocr2_model`` below pair its real processor with a
+matching tiny model; with them the other four generic tests pass."""
 import math
 
 import numpy as np
@@ -10,10 +17,10 @@ from torch.nn import functional as F
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, make_flat_list_of_images
-# the same function as unlimited_ocr's torchvision module holds (it is copied there), from a module that imports without it
-from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import get_optimal_tiled_canvas
+# get_optimal_tiled_canvas: the same code as unlimited_ocr's torchvision module holds, from a module that imports without it
+from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil, get_optimal_tiled_canvas
 
-from tiny_models import IMG
+from tiny_models import IMG, SAM, TEXT
 from tiny_processors import ProcessorSpec, make_tokenizer, template, unchecked_video
 
 QWEN_TURNS = ("<|im_start|>", "<|im_end|>")
@@ -113,7 +120,7 @@ class UnlimitedOcrPilImageProcessor(PilBackend):
 
     def __call__(self, images, return_tensors=None, **kwargs):
         t, side = self.tile_size, max(self.size["height"], self.size["width"])
-        norm = lambda x: (x / 255 - 0.5) / 0.5  # noqa: E731
+        norm = lambda x: (x / 255 - 0.5) / 0.5
         views, local, counts, grids = [], [], [], []
         for im in make_flat_list_of_images(images):
             x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
@@ -148,6 +155,25 @@ def _unlimited_ocr():
     tok = make_tokenizer({"image_token": "<image>"}, ("<|User|>", "<|Assistant|>"))
     return tf.UnlimitedOcrProcessor(UnlimitedOcrPilImageProcessor(), tok,
                                     chat_template=template("<|User|>: ", "\n\n", "<|Assistant|>:", "<image>\n"))
+
+
+def _deepseek_ocr2_model():
+    """DeepSeek-OCR 2 as tests/tiny_models.py builds it, with a SAM tower at the 768-pixel global view:
+    its query encoder always emits 144 queries when SAM yields at most 12x12 features (256 above), and
+    the processor counts ceil(768 / 16 / 4)^2 = 144 (+ a view separator). 64-pixel SAM patches (12x12,
+    then 3x3 after the necks) keep it fast; 48x48 16-pixel patches give the same count."""
+    text = {k: v for k, v in TEXT.items() if k != "head_dim"}
+    vision = dict(sam_config=dict(SAM, image_size=768, patch_size=64, downsample_channels=[16, 32]),
+                  encoder_config=dict(TEXT, vocab_size=8))
+    cfg = tf.DeepseekOcr2Config(text_config=dict(text, mlp_layer_types=["dense", "dense"]), vision_config=vision, image_token_id=IMG)
+    torch.manual_seed(0)
+    return tf.DeepseekOcr2ForConditionalGeneration(cfg).eval()
+
+
+def _deepseek_ocr2():
+    # the real Pil image processor at a 768-pixel global view (test images up to 768 pixels get no local tiles)
+    ip = DeepseekOcr2ImageProcessorPil(size={"height": 768, "width": 768}, tile_size=768)
+    return tf.DeepseekOcr2Processor(ip, make_tokenizer({"image_token": "<image>"}))
 
 
 SPECS: dict[str, ProcessorSpec] = {
