@@ -1,13 +1,9 @@
 """Real processors of the last families on their tiny models: Nemotron 3 Nano Omni (hybrid Mamba-2 +
 attention text; patches of an aspect-preserving resize, pixel-shuffled 2x2) and Unlimited-OCR (SAM +
-CLIP global view, and local tiles), whose image processors need torchvision, with documented stand-ins.
-
-DeepSeek-OCR 2 is not in SPECS: its prompt is the bare "<image>\n{question}" (no chat turns), so it ends
-on the question's last word, which is the ``last`` token (role ([], "?")), and the ``question`` group is
-the question without it; test_token_groups_follow_the_chat_template expects every word of the question
-in that group and has no spec knob for a prompt that is the question itself (the BLIP test checks that
-layout by hand). ``_deepseek_ocr2`` and ``_deepseek_ocr2_model`` below pair its real processor with a
-matching tiny model; with them the other four generic tests pass."""
+CLIP global view, and local tiles), whose image processors need torchvision, with documented stand-ins;
+and DeepSeek-OCR 2, whose prompt is the bare "<image>\n{question}" (no chat turns, so it ends on the
+question's last word: ``question_ends_prompt``), with a tiny model whose SAM tower takes the processor's
+768-pixel global view."""
 import math
 
 import numpy as np
@@ -182,4 +178,6 @@ SPECS: dict[str, ProcessorSpec] = {
     # the wide image (256 x 128) gets 2 tiles besides the global view, the square one (128 x 128) none
     "unlimited_ocr": ProcessorSpec(_unlimited_ocr, (["<|Assistant|>"], ":"), multi_image=True, tiles=True,
                                    sizes=((256, 128), (128, 128))),
+    "deepseek_ocr2": ProcessorSpec(_deepseek_ocr2, ([], "?"), question_ends_prompt=True, model=_deepseek_ocr2_model,
+                                   sizes=((768, 384), (384, 384))),
 }

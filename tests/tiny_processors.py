@@ -34,7 +34,8 @@ class ProcessorSpec:
     error matching this; ``model``: builds the tiny model (default ``tiny(family, batch=1)[0]``);
     ``sizes``: the (wide, square) image sizes the tests use; ``question_wrap``: the template's words
     before and after the question, between the image and the generation prompt (the ``question`` group
-    holds every text token there)."""
+    holds every text token there); ``question_ends_prompt``: the prompt is the question itself (no
+    generation prompt), so its last word is the ``last`` token and not in ``question``."""
 
     processor: Callable[[], object]
     role: tuple[list[str], str]
@@ -46,6 +47,7 @@ class ProcessorSpec:
     sizes: tuple = tuple(SIZES)
     feature_counts: Callable | None = None  # (model, inputs) -> image tokens per image, where get_image_features differs
     question_wrap: tuple[list[str], list[str]] = ([], [])
+    question_ends_prompt: bool = False
 
 
 def build(family: str, spec: ProcessorSpec):
