@@ -151,6 +151,9 @@ SPECS = {
     "qwen2_5_vl": _spec(tf.Qwen2_5_VLProcessor),
     "qwen3_vl": _spec(tf.Qwen3VLProcessor),
     "qwen3_vl_moe": _spec(tf.Qwen3VLProcessor),  # transformers maps qwen3_vl_moe to Qwen3VLProcessor
+    # transformers maps no processor to cosmos3_omni; its reasoner is Qwen3-VL's architecture, whose processor
+    # lays out its tokens (an assumption about the checkpoints' processor_config, not read from one)
+    "cosmos3_omni": _spec(tf.Qwen3VLProcessor),
     # Cosmos3 Edge: its processor returns mm_token_type_ids (which the model's 3D RoPE requires) only when
     # asked (Adapter.processor_kwargs)
     "cosmos3_edge": ProcessorSpec(_cosmos3_edge, QWEN_ROLE, QWEN_AROUND, multi_image=True, tiles=True, sizes=SIZES),
