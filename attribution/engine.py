@@ -18,15 +18,16 @@ from headsteer.intervene import Spec, intervene
 NO_FAST_PATH = {"paligemma": "PaliGemma attends bidirectionally over the image and the prompt",
                 "blip-2": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
                 "instructblip": "its forward needs pixel_values on every call, so it cannot run the text suffix alone",
-                # the marker tokens after the last image token (<IMG_GRID>, <IMG_END>) get their embeddings
-                # from the vision branch only in a forward given pixel_values
-                "ovis2": ("its visual indicator tokens after the image (<IMG_GRID>, <IMG_END>) are embedded by the vision "
-                          "branch only when pixel_values are given, so the text suffix cannot run alone"),
                 # cross-attention families: the image reaches the text only through cross-attention layers
                 "mllama": "image information reaches the text through cross-attention layers (naive path only)",
                 "idefics": "image information reaches the text through cross-attention layers (naive path only)"}
 
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+# Families whose text after the image is embedded differently in a forward given the pixels (Ovis2's
+# visual indicator tokens <IMG_GRID>, <IMG_END> get the vision branch's embeddings): the fast path feeds
+# the suffix as the embeddings the model gave its language model in one full forward (ablation acts
+# after the embeddings, so they are the same for every mask).
+SUFFIX_EMBEDS = {"ovis2"}
 
 __all__ = ["NO_FAST_PATH", "SuffixRunner", "fast_path_refusal", "ablated_logits", "as_baseline", "check_masks", "naive_logits"]
 
@@ -131,6 +132,10 @@ class SuffixRunner:
                 filled = filling_cache(model) if self.ad.hybrid else DynamicCache()
                 model(**pre, cache=filled, use_cache=True, logits_to_keep=1)
                 cache = HybridPrefixCache(filled) if self.ad.hybrid else PrefixCache(filled)
+            self.suffix_embeds = None
+            if self.ad.model_type in SUFFIX_EMBEDS:
+                got = _language_model_inputs(model, self.ad, dict(self.inputs, use_cache=False, logits_to_keep=1))
+                self.suffix_embeds = got["inputs_embeds"][:, self.P :]
         self.prefix = Prefix(cache, img[: self.P])
         self.suffix = ids[:, self.P :]
         self.chunk = chunk or auto_chunk(model, self.P, self.suffix.shape[1], self.ad, _state_bytes(cache))
@@ -146,14 +151,16 @@ class SuffixRunner:
             for i in range(0, len(masks), self.chunk):
                 m = masks[i : i + self.chunk]
                 with intervene(self.model, Spec(ablate=m, baseline=self.baseline, prefix=self.prefix)):
-                    ids = self.suffix.expand(len(m), -1)
-                    kw = {}
+                    if self.suffix_embeds is None:
+                        kw = {"input_ids": self.suffix.expand(len(m), -1)}
+                    else:
+                        kw = {"inputs_embeds": self.suffix_embeds.expand(len(m), -1, -1)}
                     if self.positions is not None:
                         kw["position_ids"] = self.positions.expand(*self.positions.shape[:-2], len(m), -1)
                     cache = self.prefix.cache
                     if isinstance(cache, HybridPrefixCache):
                         cache = cache.at_batch(len(m))  # recurrent states viewed at this batch's size
-                    logits = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **kw).logits
+                    logits = self.model(cache=cache, use_cache=True, logits_to_keep=1, **kw).logits
                 last = logits[:, -1].float()
                 outs.append(last if reduce is None else reduce(last))
         return torch.cat(outs).cpu()
@@ -166,21 +173,28 @@ def _state_bytes(cache) -> int:
     return max(sizes, default=0)
 
 
-def _with_positions(model, ad, inputs):
-    """The position ids the model passed to its language model in one forward."""
+def _language_model_inputs(model, ad, inputs) -> dict:
+    """The keyword arguments the model passed to its language model in one forward."""
     got = {}
 
     def hook(mod, args, kwargs):
-        got.setdefault("pos", kwargs.get("position_ids"))
+        if not got:
+            got.update(kwargs)
 
     handle = ad.language_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         model(**inputs)
     finally:
         handle.remove()
-    if got.get("pos") is None:
+    return got
+
+
+def _with_positions(model, ad, inputs):
+    """The position ids the model passed to its language model in one forward."""
+    pos = _language_model_inputs(model, ad, inputs).get("position_ids")
+    if pos is None:
         raise HeadsteerError(f"{ad.model_type}: the model gave its language model no position ids; use fast=False")
-    return got["pos"]
+    return pos
 
 
 @torch.no_grad()

@@ -286,7 +286,7 @@ SPECS = {
     "deepseek_vl_hybrid": ProcessorSpec(_deepseek_vl_hybrid, (["Assistant"], ":"), multi_image=True),
     "janus": ProcessorSpec(_janus, (["<|Assistant|>"], ":"), ["<begin_of_image>", "<end_of_image>"], multi_image=True),
     "ovis2": ProcessorSpec(_ovis2, (["<|im_start|>"], "assistant"), ["<IMG_START>", "<IMG_GRID>", "<IMG_END>"], multi_image=True,
-                           tiles=True, feature_counts=_ovis2_counts, fast_refusal="visual indicator tokens"),
+                           tiles=True, feature_counts=_ovis2_counts),
     "molmo2": ProcessorSpec(_molmo2, (["<|im_start|>"], "assistant"), ["<low_res_im_start>", "<im_start>", "<im_col>", "<im_end>"],
                             multi_image=True, tiles=True),
     "muse_glimmer": ProcessorSpec(_muse_glimmer, (["<|header_start|>", "assistant"], "<|header_end|>"),
