@@ -15,7 +15,6 @@ from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from headsteer.compat import apply_compat
 from test_intervene import last_logits, mean_like_baseline
-from test_intervene import test_interventions_hold_during_cached_generation as cached_generation_holds
 from tiny_models import BUILDERS, HYBRID, IMG, VOCAB, _ids, _unlimited_ocr, alone_row, other_pixels, tiny
 
 VIDEO = 89  # video token id of the tiny video families
@@ -77,26 +76,6 @@ def test_hybrid_ablation_acts_on_attention_layers_only(family):
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(zero[0, img], ref[0, img], atol=1e-5, rtol=1e-5)
     assert (zero[0, -1] - ref[0, -1]).abs().max() > 1e-4
-
-
-@pytest.mark.parametrize("what", ["ablate", "image_attn", "steer"])
-def test_llama4_interventions_hold_during_cached_generation(what):
-    """Generation keeps only the current chunk's keys in a chunked layer's cache (the oldest are
-    dropped): token groups and baseline ordinals stay aligned by absolute position."""
-    cached_generation_holds("llama4", what)
-
-
-@pytest.mark.parametrize("what", ["ablate", "image_attn", "steer"])
-def test_nemotron_h_omni_interventions_hold_during_cached_generation(what):
-    """Nemotron-H's Mamba-2 layers decode with kernels that update their cached state in place (the
-    fast path hands them a copy of the prefix state: tests/test_fastpath.py); attention layers have
-    no positional encoding."""
-    cached_generation_holds("nemotron_h_omni", what)
-
-
-def test_unlimited_ocr_ablation_holds_during_cached_generation_under_the_window():
-    """Under its reference sliding window (3 new tokens, window 128) the cache keeps every key."""
-    cached_generation_holds("unlimited_ocr", "ablate")
 
 
 def test_unlimited_ocr_ablation_holds_past_the_reference_sliding_window():
