@@ -159,8 +159,7 @@ def _fuyu_image_processor():
 def _fuyu():
     # the processor prepends |SPEAKER| to the prompt, expands it into rows of |SPEAKER| each closed by
     # |NEWLINE|, then <s>, the prompt and <0x04> (beginning of answer)
-    tok = make_tokenizer(specials=("|SPEAKER|", "|NEWLINE|", "<0x04>", "▁"), ids={"|SPEAKER|": IMG})
-    tok.__class__ = PrefixSpaceTokenizer
+    tok = make_tokenizer(specials=("|SPEAKER|", "|NEWLINE|", "<0x04>", "▁"), ids={"|SPEAKER|": IMG}, cls=PrefixSpaceTokenizer)
     return tf.FuyuProcessor(_fuyu_image_processor(), tok)
 
 

@@ -65,11 +65,13 @@ def template(user: str, end: str, gen: str, image: str) -> str:
 
 
 
-def make_tokenizer(named: dict[str, str] | None = None, specials: tuple[str, ...] = (), ids: dict[str, int] | None = None):
+def make_tokenizer(named: dict[str, str] | None = None, specials: tuple[str, ...] = (), ids: dict[str, int] | None = None,
+                   cls=tf.PreTrainedTokenizerFast):
     """Word-level fast tokenizer over ``WORDS`` whose vocabulary fits the tiny models' (``VOCAB``).
 
     ``named``: attribute -> token (``image_token`` ...); ``specials``: further special tokens;
-    ``ids``: tokens pinned to the ids the tiny model's config names (the image token at ``IMG``)."""
+    ``ids``: tokens pinned to the ids the tiny model's config names (the image token at ``IMG``);
+    ``cls``: the tokenizer class (a subclass of PreTrainedTokenizerFast)."""
     named, ids = named or {}, ids or {"<image>": IMG}
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     free = iter(i for i in range(VOCAB) if i not in ids.values() and i >= len(vocab))
@@ -82,8 +84,8 @@ def make_tokenizer(named: dict[str, str] | None = None, specials: tuple[str, ...
     assert len(vocab) == VOCAB, "tokens do not fit the tiny vocabulary"
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                      eos_token="</s>", extra_special_tokens=named)
+    fast = cls(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+               eos_token="</s>", extra_special_tokens=named)
     extra = [t for t in specials if t not in named.values()]
     if extra:
         fast.add_special_tokens({"additional_special_tokens": extra})
