@@ -7,8 +7,9 @@ length (so positions, rotary phases and masks come out as in a full forward) whi
 
 The prefix is never copied per mask: the masks are folded into the row dimension of the prefix
 matmuls ([Hkv, masks x group x suffix, d] @ [Hkv, d, P]), which also serves grouped-query attention
-without repeating K/V. The softmax over prefix and suffix keys is joined through a shared row
-maximum, so the two score blocks are never concatenated.
+without repeating K/V. Each block of keys (prefix text, image, suffix) is attended on its own and the
+blocks are merged through their log-sum-exps, so the large prefix blocks can go to a fused kernel
+(flash attention, scores never written to memory) and no score blocks are ever concatenated.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ class PrefixCache(DynamicCache):
 
 
 class Prefix:
-    """The shared prefix: per-layer K/V (fp32 copies, [Hkv, P, d], made once per prompt) and where
-    its image tokens sit.
+    """The shared prefix: per-layer K/V (copies, [Hkv, P, d], made once per prompt) and where its
+    image tokens sit.
 
     The copies hold the keys in another order: the non-image positions first, then the image
     positions as one block (in their own order). Attention does not depend on the order of its keys
@@ -67,6 +68,7 @@ class Prefix:
         self._reordered = not bool((self.order == torch.arange(self.length)).all())
         self._order_on: dict = {}
         self._kv = [None] * len(cache.layers)
+        self._masks: dict = {}
         self._rows = (None, None)
 
     def order_on(self, device):
@@ -75,15 +77,40 @@ class Prefix:
         return self._order_on[device]
 
     def kv(self, layer):
-        """fp32 prefix keys/values of one layer, [Hkv, P, d] each (the precision policy), image last."""
+        """Prefix keys/values of one layer in the model's dtype, [Hkv, P, d] each, image last."""
         if self._kv[layer] is None:
             lay = self.cache.layers[layer]
             k, v = lay.keys[0], lay.values[0]
             if self._reordered:
                 o = self.order_on(k.device)
                 k, v = k[:, o], v[:, o]
-            self._kv[layer] = (k.float(), v.float())
+            self._kv[layer] = (k.contiguous(), v.contiguous())
         return self._kv[layer]
+
+    def masks(self, module, attention_mask, s: int, device):
+        """The model's mask for s suffix queries, split: the suffix block (additive fp32, broadcasting
+        to [M, Hkv, G, s, s], or None) and the prefix block ([s, P] in the prefix's column order, or
+        None when it hides nothing: the usual case, without a sliding window).
+
+        Worked out once per mask tensor the model hands its layers (one per layer type and batch):
+        finding out whether the prefix block hides anything reads it on the host, and once per layer
+        that would stall the GPU's queue at every layer. Every mask row is the same prompt, so row 0
+        stands for all."""
+        key = (id(attention_mask), s, getattr(module, "is_causal", True), str(device))
+        if key not in self._masks:
+            if len(self._masks) >= 8:
+                self._masks.clear()
+            P = self.length
+            mask = additive_mask(module, attention_mask, s, P + s, device)  # [M|1, 1, s, P+s]
+            smask = pmask = None
+            if mask is not None:
+                smask = mask[:1, :, None, :, P:]
+                # no mask from the model means causal: the prefix block is all zeros, no need to look
+                if attention_mask is not None and bool((mask[0, 0, :, :P] != 0).any()):
+                    pmask = mask[0, 0, :, :P][:, self.order_on(device)]
+            # the mask object is kept with its entry, so its id is not reused while the entry lives
+            self._masks[key] = (attention_mask, smask, pmask)
+        return self._masks[key][1:]
 
     def ablated_rows(self, ablate: torch.Tensor, M: int, Hkv: int, s: int, device):
         """For one batch of M masks (bool [M|1, L, Hq] on the host): per layer and KV head, the score rows
@@ -119,85 +146,109 @@ class Prefix:
 def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, attention_mask, scaling, kwargs):
     """Attention of suffix queries [M, Hq, s, d] over the shared prefix and their own suffix.
 
-    Rows are laid out per KV head as (mask, query head in group, suffix position). Every row is
-    first computed clean; the rows of ablated heads then get their image block recomputed against
-    the baseline — only those rows, so the cost of ablation follows the ablation rate. The softmax
-    is split into the image block and the rest (non-image prefix keys and the suffix), each with its
-    own row maximum, so that an ablated row never divides by a sum that underflowed because the
-    real image's scores were far above everything else."""
+    Rows are laid out per KV head as (mask, query head in group, suffix position). The keys fall
+    into three blocks — the prefix without the image, the image, the suffix — each attended on its
+    own (an output and its log-sum-exp) and merged exactly through their log-sum-exps. The rows of
+    ablated heads then swap the image block for the baseline's, attended by those rows only, so the
+    cost of ablation follows the ablation rate. Each block having its own row maximum also keeps an
+    ablated row exact when the real image's scores dwarf everything else."""
     for a in session.actives:
         if a.knockouts or a.image_attn is not None:
             raise HeadsteerError("the fast path evaluates head ablations only; use fast=False for knockouts or attention scaling")
     M, Hq, s, d = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
-    R = M * G * s
     scaling = scaling if scaling is not None else d ** -0.5
     softcap = kwargs.get("softcap")
-    pk, pv = pre.kv(module.layer_idx)  # [Hkv, P, d] fp32, image block last; indexed by the model's layer index
-    P, nr = pk.shape[1], pre.n_rest
-    # Scaled after the matmuls: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not.
-    q = query.float().contiguous()  # [M, Hq, s, d]
-    q_rows = q.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, R, d)
-    zero = q.new_zeros(())
-    # the GEMM applies the scaling to its fp32 result (alpha): no separate pass over the scores
-    sp = torch.baddbmm(zero, q_rows, pk.transpose(1, 2), beta=0, alpha=scaling)  # [Hkv, R, P]
-    ss = torch.matmul(q.view(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)  # [M, Hkv, G*s, s]
+    pk, pv = pre.kv(module.layer_idx)  # [Hkv, P, d], image block last; indexed by the model's layer index
+    nr = pre.n_rest
+    smask, pmask = pre.masks(module, attention_mask, s, query.device)
+    query = query.contiguous()  # [M, Hq, s, d] comes as a transposed view
+    q_rows = query.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, M * G * s, d)
+
+    # the suffix block: each mask's own keys (few), in fp32
+    ss = torch.matmul(query.float().view(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)
     if softcap is not None:
-        sp.div_(softcap).tanh_().mul_(softcap)
         ss.div_(softcap).tanh_().mul_(softcap)
-    mask = additive_mask(module, attention_mask, s, P + s, query.device)  # [M|1, 1, s, P+s]
-    pmask = None
-    if mask is not None:
-        # The prefix block is all zeros unless a sliding window hides old keys: skip that pass
-        # over the largest tensor here when nothing is masked (no mask from the model: causal).
-        if attention_mask is not None and bool((mask[..., :P] != 0).any()):
-            pmask = mask[..., :P][..., pre.order_on(query.device)]  # columns in the prefix's order
-            sp.view(Hkv, -1, G, s, P).add_(pmask)
-        ss = ss.view(M, Hkv, G, s, s).add_(mask[:, :, None, :, P:]).view(M, Hkv, G * s, s)
-    ss = ss.transpose(0, 1).reshape(Hkv, R, s)
-    rest, img = sp[..., :nr], sp[..., nr:]
-    top_r = ss.amax(-1, keepdim=True)
+    if smask is not None:
+        ss.view(M, Hkv, G, s, s).add_(smask)
+    top = ss.amax(-1, keepdim=True)
+    es = ss.sub_(top).exp_()
+    z = es.sum(-1, keepdim=True)
+    rest = (torch.matmul(es, value.float()).div_(z).transpose(0, 1).reshape(Hkv, -1, d),
+            z.log_().add_(top).transpose(0, 1).reshape(Hkv, -1, 1))
     if nr:
-        top_r = torch.maximum(top_r, rest.amax(-1, keepdim=True))
-    es = ss.sub_(top_r).exp_()
-    rest.sub_(top_r).exp_()
-    num_r = torch.matmul(es.view(Hkv, M, G * s, s).transpose(0, 1), value.float()).transpose(0, 1).reshape(Hkv, R, d)
-    z_r = es.sum(-1, keepdim=True)
-    if nr:
-        num_r = torch.baddbmm(num_r, rest, pv[:, :nr])
-        z_r += rest.sum(-1, keepdim=True)
-    if pre.n_img:
-        top_i = img.amax(-1, keepdim=True)
-        top = torch.maximum(top_r, top_i)
-        img.sub_(top).exp_()
-        f = (top_r - top).exp_()  # <= 1: the rest, rescaled to the joint maximum
-        out = torch.baddbmm(num_r * f, img, pv[:, nr:]).div_(z_r * f + img.sum(-1, keepdim=True))
-    else:
-        out = num_r / z_r
+        rest = merge(rest, attend_block(q_rows, pk[:, :nr], pv[:, :nr], scaling, softcap, _cols(pmask, 0, nr)))
+    out = merge(rest, attend_block(q_rows, pk[:, nr:], pv[:, nr:], scaling, softcap, _cols(pmask, nr, None)))[0]
 
     abl = session.ablation()
-    if pre.n_img and abl is not None and layer in abl.ablate_layers:
+    if abl is not None and layer in abl.ablate_layers:
         rows, valid = pre.ablated_rows(abl.ablate, M, Hkv, s, query.device)
-        rows, valid = rows[layer], valid[layer]  # [Hkv, N]
-        at = rows[..., None]
-        kb, vb = abl.baseline.image_kv(layer, pre.n_img, torch.float32, query.device)  # [Hkv, n, d]
-        sb = torch.baddbmm(zero, q_rows.gather(1, at.expand(-1, -1, d)), kb.transpose(1, 2), beta=0, alpha=scaling)
-        if softcap is not None:
-            sb.div_(softcap).tanh_().mul_(softcap)
-        if pmask is not None:  # the same window hides the same baseline positions
-            pm = pmask[..., nr:].expand(M, 1, s, pre.n_img)[:, 0]  # [M, s, n]
-            sb += pm[rows // (G * s), rows % s]
-        top_ra = top_r.gather(1, at)
-        top_a = torch.maximum(top_ra, sb.amax(-1, keepdim=True))
-        eb = sb.sub_(top_a).exp_()
-        fa = (top_ra - top_a).exp_()
-        val = torch.baddbmm(num_r.gather(1, at.expand(-1, -1, d)) * fa, eb, vb)
-        val /= z_r.gather(1, at) * fa + eb.sum(-1, keepdim=True)
+        at = rows[layer][..., None]  # [Hkv, N, 1]
+        atd = at.expand(-1, -1, d)
+        kb, vb = abl.baseline.image_kv(layer, pre.n_img, query.dtype, query.device)  # [Hkv, n, d]
+        # the same window hides the same baseline positions: row r is suffix position r % s
+        bias = None if pmask is None else pmask[:, nr:][at[..., 0] % s][:, None]  # [Hkv, 1, N, n]
+        val = merge((rest[0].gather(1, atd), rest[1].gather(1, at)),
+                    attend_block(q_rows.gather(1, atd), kb, vb, scaling, softcap, bias))[0]
         # padding rows (heads with fewer ablated rows than the most) keep their clean value
-        val = torch.where(valid[..., None], val, out.gather(1, at.expand(-1, -1, d)))
-        out.scatter_(1, at.expand(-1, -1, d), val)
+        out.scatter_(1, atd, torch.where(valid[layer][..., None], val, out.gather(1, atd)))
     return out.view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d).to(query.dtype), None
+
+
+def _cols(pmask, lo, hi):
+    return None if pmask is None else pmask[:, lo:hi]
+
+
+def merge(a, b):
+    """Two attention blocks of the same rows, each (output [H, R, d], log-sum-exp [H, R, 1]), as one
+    (fp32): the softmax over the union of their keys."""
+    (oa, la), (ob, lb) = a, b
+    top = torch.maximum(la, lb)
+    wa, wb = (la - top).exp_(), (lb - top).exp_()
+    z = wa + wb
+    return (oa.float() * wa).add_(ob.float() * wb).div_(z), z.log_().add_(top)
+
+
+# Fused attention kernels that also return the log-sum-exp; None where a device has none.
+_FLASH = {"cpu": torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+          "cuda": torch.ops.aten._scaled_dot_product_flash_attention}
+USE_FLASH = True  # False: every block in the fp32 reference arithmetic (the benchmark compares both)
+
+
+def flash_ok(q) -> bool:
+    """Whether a fused kernel serves this block: on the CPU in any dtype; on CUDA in bf16/fp16 with a
+    head size the kernel takes, on a card that has it (Ampere or newer)."""
+    if not USE_FLASH or q.device.type not in _FLASH:
+        return False
+    if q.device.type == "cpu":
+        return True
+    return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def attend_block(q, k, v, scaling, softcap=None, bias=None):
+    """softmax(q k^T * scaling) v over one block of keys: q [H, R, d], k/v [H, n, d] in the model's
+    dtype → (output [H, R, d], log-sum-exp fp32 [H, R, 1]). ``bias`` (additive, fp32) broadcasts to
+    the scores viewed as [H, R/r, r, n] with r = bias.shape[-2].
+
+    Precision policy: scores, softmax and sums in fp32 on bf16/fp16 inputs. A fused kernel (flash
+    attention) serves blocks without bias or softcap — it also rounds the probabilities to the input
+    dtype for the product with V, as the model's own SDPA forward does; the rest run here in fp32."""
+    if softcap is None and bias is None and flash_ok(q):
+        out, lse = _FLASH[q.device.type](q[None], k[None], v[None], scale=scaling)[:2]
+        return out[0], lse[0, ..., None]
+    # Scaled after the matmul: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not;
+    # the GEMM applies the scaling to its fp32 result (alpha), no separate pass over the scores.
+    sc = torch.baddbmm(q.new_zeros((), dtype=torch.float32), q.float(), k.float().transpose(1, 2), beta=0, alpha=scaling)
+    if softcap is not None:
+        sc.div_(softcap).tanh_().mul_(softcap)
+    if bias is not None:
+        sc.view(sc.shape[0], -1, bias.shape[-2], sc.shape[-1]).add_(bias)
+    top = sc.amax(-1, keepdim=True)
+    e = sc.sub_(top).exp_()
+    z = e.sum(-1, keepdim=True)
+    return torch.bmm(e, v.float()).div_(z), z.log_().add_(top)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import headsteer  # noqa: E402
 from headsteer.adapters import get_adapter  # noqa: E402
 from headsteer.ask import default_image  # noqa: E402
+from headsteer import fastpath  # noqa: E402
 from headsteer.attribution.engine import SuffixRunner, naive_logits  # noqa: E402
 from headsteer.attribution.regression import sample_masks, statistic  # noqa: E402
 from headsteer.baseline import ZeroBaseline, make_baseline  # noqa: E402
@@ -135,6 +136,13 @@ def main():
     t_fast = timed(lambda: runner(masks), dev) / args.masks
     answer = int(inputs["input_ids"][0, -1])  # any token: the statistic's cost does not depend on it
     t_stat = timed(lambda: runner(masks, lambda lg: statistic(lg, answer, "margin", list(range(16)))), dev) / args.masks
+    fastpath.USE_FLASH = False  # the same engine with every attention block in headsteer's own fp32 arithmetic
+    try:
+        t_unfused = timed(lambda: runner(masks, lambda lg: statistic(lg, answer, "margin", list(range(16)))), dev) / args.masks
+    finally:
+        fastpath.USE_FLASH = True
+    probe = torch.zeros(1, 1, ad.head_dim, device=dev, dtype=dtype)
+    kernel = "flash attention" if fastpath.flash_ok(probe) else "none for this device/dtype: fp32 blocks"
     print(f"model: {name}; {ad.num_layers} layers x {ad.num_heads} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; "
           f"prompt {T} tokens = prefix {P} (up to the last image token) + suffix {s}")
     print(f"naive:        {1 / t_naive:10.1f} masks/s  (full forward per mask, {args.naive_masks} masks timed)")
@@ -142,7 +150,10 @@ def main():
     print(f"plain suffix: {1 / t_plain:10.1f} masks/s  (the model's own forward of the {s} suffix tokens, no prefix, batch {runner.chunk})")
     print(f"fast:         {1 / t_fast:10.1f} masks/s  ({args.masks} masks, chunk {runner.chunk}, prefix computed once; "
           f"every vocabulary logit to the host)")
-    print(f"fast, as attribute runs it: {1 / t_stat:10.1f} masks/s  (the statistic computed on the device)")
+    print(f"fast, as attribute runs it: {1 / t_stat:10.1f} masks/s  (the statistic computed on the device; "
+          f"fused kernel for the prefix blocks: {kernel})")
+    print(f"fast, no fused kernel:      {1 / t_unfused:10.1f} masks/s  (every attention block in fp32 matmuls and "
+          f"softmax passes; fused is {t_unfused / t_stat:.2f}x of it)")
     print(f"fast / naive {t_naive / t_fast:.1f}x; fast / peer {t_peer / t_fast:.1f}x; fast / plain suffix {t_plain / t_fast:.2f} "
           f"({t_plain / t_stat:.2f} as attribute runs it)")
     if dev.startswith("cuda"):

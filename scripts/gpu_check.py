@@ -25,6 +25,7 @@ from click.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import headsteer  # noqa: E402
+from headsteer import fastpath  # noqa: E402
 from headsteer.ask import default_image  # noqa: E402
 from headsteer.cli import main as cli  # noqa: E402
 
@@ -118,7 +119,7 @@ def precision_at_shape(model_dir, device, dtypes=("bf16", "fp16")):
     """The precision contract (tests/test_precision.py) on a shaped checkpoint: the fast and naive
     paths' error against an fp32 run of the same weights, next to the eager fp32-attention reference's."""
     name = f"precision contract at {Path(model_dir).name}"
-    if skipped(name, 60):
+    if skipped(name, 90):
         return
     sys.path.insert(0, str(ROOT / "tests"))
     from test_precision import check_contract  # the tests' own reference; tests/ is not a package
@@ -130,19 +131,24 @@ def precision_at_shape(model_dir, device, dtypes=("bf16", "fp16")):
         ad = headsteer.get_adapter(model, proc)
         inputs = ad.encode([default_image()], ["what shape is in the image?"])
         for dt in dtypes:
-            try:
-                errs, ref = check_contract(model, inputs, {"bf16": torch.bfloat16, "fp16": torch.float16}[dt], n_masks=4)
-                rec[dt] = {"fast_err": errs["fast"], "naive_err": errs["naive"], "reference_err": ref,
-                           "budget": 1.5 * ref + 1e-3}
-            except AssertionError as e:  # the contract's own assertion: keep its numbers
-                rec["ok"], rec["error"] = False, f"{dt}: {str(e)[:300]}"
+            for fused in (True, False):  # the fast path with its fused kernel (the default) and without
+                key = dt if fused else f"{dt} unfused"
+                fastpath.USE_FLASH = fused
+                try:
+                    errs, ref = check_contract(model, inputs, {"bf16": torch.bfloat16, "fp16": torch.float16}[dt], n_masks=4)
+                    rec[key] = {"fast_err": errs["fast"], "naive_err": errs["naive"], "reference_err": ref,
+                                "budget": 1.5 * ref + 1e-3}
+                except AssertionError as e:  # the contract's own assertion: keep its numbers
+                    rec["ok"], rec["error"] = False, f"{key}: {str(e)[:300]}"
+                finally:
+                    fastpath.USE_FLASH = True
         del model, ad
     except Exception as e:  # noqa: BLE001 - the check reports every failure and goes on
         rec["ok"], rec["error"] = False, f"{type(e).__name__}: {str(e)[:300]}"
     rec["wall_s"] = round(time.perf_counter() - t, 1)
     RESULTS.append(rec)
     print(f"[{'ok' if rec['ok'] else 'FAIL'}] {name:<42} {rec['wall_s']:7.1f} s  "
-          f"{ {k: v for k, v in rec.items() if k in ('bf16', 'fp16')} } {rec['error']}", flush=True)
+          f"{ {k: v for k, v in rec.items() if k.startswith(('bf16', 'fp16'))} } {rec['error']}", flush=True)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -4,9 +4,11 @@ import torch
 from test_intervene import mean_like_baseline
 from tiny_models import BUILDERS, HYBRID, SEQ_KEYS, tiny
 
-from headsteer import HeadsteerError, get_adapter
+from headsteer import HeadsteerError, fastpath, get_adapter
+from headsteer.attention_mask import NEG
 from headsteer.attribution.engine import NO_FAST_PATH, SuffixRunner, fast_path_refusal, naive_logits
 from headsteer.baseline import ZeroBaseline
+from headsteer.fastpath import attend_block, merge
 
 
 @pytest.mark.parametrize("family", sorted(set(BUILDERS) - set(NO_FAST_PATH) - HYBRID))  # hybrid: below
@@ -110,3 +112,62 @@ def test_chunk_size_counts_the_recurrent_state_of_hybrid_stacks():
     model, inputs = tiny("llava", batch=1)
     runner = SuffixRunner(model, None, None, None, ZeroBaseline(get_adapter(model).num_kv_heads, get_adapter(model).head_dim), inputs=inputs)
     assert _state_bytes(runner.prefix.cache) == 0
+
+
+def _one_softmax(q, k, v, scaling, softcap=None, bias=None):
+    s = q.double() @ k.double().transpose(1, 2) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        s = (s.view(s.shape[0], -1, bias.shape[-2], s.shape[-1]) + bias.double()).view_as(s)
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1, keepdim=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["plain", "softcap", "bias"])
+def test_blocks_merged_by_their_log_sum_exps_equal_one_softmax_over_all_keys(fused, dtype, extra, monkeypatch):
+    """The fast path attends each block of keys on its own (a fused kernel where one serves it) and
+    merges them: that must be the softmax over the union of the keys, with its log-sum-exp."""
+    monkeypatch.setattr(fastpath, "USE_FLASH", fused)
+    g = torch.Generator().manual_seed(0)
+    H, R, d, s = 2, 12, 16, 3
+    q = torch.randn(H, R, d, generator=g).to(dtype)
+    k1, v1, k2, v2 = (torch.randn(H, n, d, generator=g).to(dtype) for n in (5, 5, 7, 7))
+    k2 = k2 * 4  # one block's scores well above the other's
+    softcap = 2.0 if extra == "softcap" else None
+    b1, b2 = ((torch.where(torch.rand(s, n, generator=g) < 0.3, NEG, 0.0) for n in (5, 7)) if extra == "bias"
+              else (None, None))
+    out, lse = merge(attend_block(q, k1, v1, 0.25, softcap, b1), attend_block(q, k2, v2, 0.25, softcap, b2))
+    ref, ref_lse = _one_softmax(q, torch.cat([k1, k2], 1), torch.cat([v1, v2], 1), 0.25, softcap,
+                                None if b1 is None else torch.cat([b1, b2], 1))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the fused kernel rounds its block outputs to bf16
+    torch.testing.assert_close(out, ref.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+def test_fast_path_without_the_fused_kernel_equals_naive(family, monkeypatch):
+    """Where no fused kernel serves (fp32 on CUDA, cards before Ampere, MPS) every block runs in
+    headsteer's own fp32 arithmetic: the same results (Gemma 3: its sliding window hides prefix keys)."""
+    monkeypatch.setattr(fastpath, "USE_FLASH", False)
+    model, inputs = tiny(family, batch=1)
+    ad = get_adapter(model)
+    masks = torch.rand(6, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(3)) < 0.4
+    base = mean_like_baseline(model, inputs)
+    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
+    torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+
+
+def test_the_model_mask_is_read_once_per_batch_not_once_per_layer(monkeypatch):
+    """Whether the prefix block of the mask hides anything is read on the host: once per layer it
+    would stall a GPU's queue at every layer. Layers of one type share the mask the model made."""
+    model, inputs = tiny("llava", batch=1)
+    ad = get_adapter(model)
+    assert ad.num_layers >= 2
+    runner = SuffixRunner(model, None, None, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), inputs=inputs, chunk=4)
+    calls = []
+    real = fastpath.additive_mask
+    monkeypatch.setattr(fastpath, "additive_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runner(torch.rand(8, ad.num_layers, ad.num_heads) < 0.4)
+    assert len(calls) == 2  # two batches of 4, one mask type

@@ -1,0 +1,45 @@
+"""How much of the precision contract's budget each path uses (tests/test_precision.py asserts it is
+at most 1): the fast path with its fused kernel and without, and the naive path, in bf16 and fp16 on
+the default model and in bf16 on tiny models of several families.
+
+    python scripts/precision_margins.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import headsteer  # noqa: E402
+from headsteer import fastpath, get_adapter  # noqa: E402
+from headsteer.ask import default_image  # noqa: E402
+from test_precision import check_contract  # noqa: E402  (the tests' own reference; tests/ is not a package)
+from tiny_models import tiny  # noqa: E402
+
+FAMILIES = ["llava", "qwen2_5_vl", "gemma3", "mistral3", "llama4", "qwen3_5", "lfm2_vl"]
+
+
+def main():
+    model, proc = headsteer.load()
+    inputs = get_adapter(model, proc).encode([default_image()], ["what shape is in the image?"])
+    cases = [("default", torch.bfloat16, model, inputs), ("default", torch.float16, model, inputs)]
+    cases += [(f, torch.bfloat16, *tiny(f, batch=1)) for f in FAMILIES]
+    print(f"{'model':<12} {'dtype':<9} {'fast (fused)':>12} {'fast (unfused)':>14} {'naive':>7}   share of the budget 1.5 x ref + 1e-3")
+    for name, dtype, m, i in cases:
+        got = {}
+        for fused in (True, False):
+            fastpath.USE_FLASH = fused
+            try:
+                errs, ref = check_contract(m, i, dtype)
+            finally:
+                fastpath.USE_FLASH = True
+            budget = 1.5 * ref + 1e-3
+            got["fused" if fused else "unfused"], got["naive"] = errs["fast"] / budget, errs["naive"] / budget
+        print(f"{name:<12} {str(dtype)[6:]:<9} {got['fused']:12.3f} {got['unfused']:14.3f} {got['naive']:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
