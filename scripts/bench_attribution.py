@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import headsteer  # noqa: E402
+from headsteer import fastpath  # noqa: E402
 from headsteer.adapters import get_adapter  # noqa: E402
 from headsteer.ask import default_image  # noqa: E402
-from headsteer import fastpath  # noqa: E402
 from headsteer.attribution.engine import SuffixRunner, naive_logits  # noqa: E402
 from headsteer.attribution.regression import sample_masks, statistic  # noqa: E402
 from headsteer.baseline import ZeroBaseline, make_baseline  # noqa: E402
