@@ -7,13 +7,15 @@ length (so positions, rotary phases and masks come out as in a full forward) whi
 
 The prefix is never copied per mask: the masks are folded into the row dimension of the prefix
 matmuls ([Hkv, masks x group x suffix, d] @ [Hkv, d, P]), which also serves grouped-query attention
-without repeating K/V. Each block of keys (prefix text, image, suffix) is attended on its own and the
-blocks are merged through their log-sum-exps, so the large prefix blocks can go to a fused kernel
-(flash attention, scores never written to memory) and no score blocks are ever concatenated.
+without repeating K/V. Blocks of keys (the prefix, the suffix; for ablated rows the prefix text, the
+baseline image, the suffix) are attended on their own and merged through their log-sum-exps, so the
+prefix can go to a fused kernel (flash attention, scores never written to memory) and no score
+blocks are ever concatenated.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -146,12 +148,13 @@ class Prefix:
 def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, attention_mask, scaling, kwargs):
     """Attention of suffix queries [M, Hq, s, d] over the shared prefix and their own suffix.
 
-    Rows are laid out per KV head as (mask, query head in group, suffix position). The keys fall
-    into three blocks — the prefix without the image, the image, the suffix — each attended on its
-    own (an output and its log-sum-exp) and merged exactly through their log-sum-exps. The rows of
-    ablated heads then swap the image block for the baseline's, attended by those rows only, so the
-    cost of ablation follows the ablation rate. Each block having its own row maximum also keeps an
-    ablated row exact when the real image's scores dwarf everything else."""
+    Rows are laid out per KV head as (mask, query head in group, suffix position). Every row first
+    attends clean: the prefix as one block (the fused kernel's work, and most of this function's)
+    and its own suffix as another, each giving an output and its log-sum-exp, merged exactly through
+    them. The rows of ablated heads are then recomputed from three blocks — the prefix text, the
+    baseline's image, the suffix — for those rows only, so the cost of ablation follows the ablation
+    rate. Each block having its own row maximum keeps an ablated row exact also when the real
+    image's scores dwarf everything else."""
     for a in session.actives:
         if a.knockouts or a.image_attn is not None:
             raise HeadsteerError("the fast path evaluates head ablations only; use fast=False for knockouts or attention scaling")
@@ -175,39 +178,42 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     top = ss.amax(-1, keepdim=True)
     es = ss.sub_(top).exp_()
     z = es.sum(-1, keepdim=True)
-    rest = (torch.matmul(es, value.float()).div_(z).transpose(0, 1).reshape(Hkv, -1, d),
-            z.log_().add_(top).transpose(0, 1).reshape(Hkv, -1, 1))
-    if nr:
-        rest = merge(rest, attend_block(q_rows, pk[:, :nr], pv[:, :nr], scaling, softcap, _cols(pmask, 0, nr)))
-    out = merge(rest, attend_block(q_rows, pk[:, nr:], pv[:, nr:], scaling, softcap, _cols(pmask, nr, None)))[0]
+    suffix = (torch.matmul(es, value.float()).div_(z).transpose(0, 1).reshape(Hkv, -1, d),
+              z.log_().add_(top).transpose(0, 1).reshape(Hkv, -1, 1))
+    out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask))[0]
 
     abl = session.ablation()
     if abl is not None and layer in abl.ablate_layers:
         rows, valid = pre.ablated_rows(abl.ablate, M, Hkv, s, query.device)
         at = rows[layer][..., None]  # [Hkv, N, 1]
         atd = at.expand(-1, -1, d)
+        q_abl = q_rows.gather(1, atd)
         kb, vb = abl.baseline.image_kv(layer, pre.n_img, query.dtype, query.device)  # [Hkv, n, d]
-        # the same window hides the same baseline positions: row r is suffix position r % s
-        bias = None if pmask is None else pmask[:, nr:][at[..., 0] % s][:, None]  # [Hkv, 1, N, n]
-        val = merge((rest[0].gather(1, atd), rest[1].gather(1, at)),
-                    attend_block(q_rows.gather(1, atd), kb, vb, scaling, softcap, bias))[0]
+        # the same window hides the same positions: row r is suffix position r % s
+        bias = None if pmask is None else pmask[at[..., 0] % s][:, None]  # [Hkv, 1, N, P]
+        blocks = [(suffix[0].gather(1, atd), suffix[1].gather(1, at)),
+                  attend_block(q_abl, kb, vb, scaling, softcap, None if bias is None else bias[..., nr:])]
+        if nr:
+            blocks.append(attend_block(q_abl, pk[:, :nr], pv[:, :nr], scaling, softcap, None if bias is None else bias[..., :nr]))
         # padding rows (heads with fewer ablated rows than the most) keep their clean value
-        out.scatter_(1, atd, torch.where(valid[layer][..., None], val, out.gather(1, atd)))
-    return out.view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d).to(query.dtype), None
+        out.scatter_(1, atd, torch.where(valid[layer][..., None], merge(*blocks)[0], out.gather(1, atd)))
+    return out.to(query.dtype).view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d), None
 
 
-def _cols(pmask, lo, hi):
-    return None if pmask is None else pmask[:, lo:hi]
-
-
-def merge(a, b):
-    """Two attention blocks of the same rows, each (output [H, R, d], log-sum-exp [H, R, 1]), as one
+def merge(*blocks):
+    """Attention blocks of the same rows, each (output [H, R, d], log-sum-exp fp32 [H, R, 1]), as one
     (fp32): the softmax over the union of their keys."""
-    (oa, la), (ob, lb) = a, b
-    top = torch.maximum(la, lb)
-    wa, wb = (la - top).exp_(), (lb - top).exp_()
-    z = wa + wb
-    return (oa.float() * wa).add_(ob.float() * wb).div_(z), z.log_().add_(top)
+    top = blocks[0][1]
+    for _, lse in blocks[1:]:
+        top = torch.maximum(top, lse)
+    w = [(lse - top).exp_() for _, lse in blocks]
+    z = w[0].clone()
+    for wi in w[1:]:
+        z += wi
+    out = blocks[0][0] * w[0].div_(z)  # fp32 (bf16/fp16 outputs promote), one pass
+    for (o, _), wi in zip(blocks[1:], w[1:]):
+        out.addcmul_(o, wi.div_(z))
+    return out, z.log_().add_(top)
 
 
 # Fused attention kernels that also return the log-sum-exp; None where a device has none.
@@ -216,15 +222,20 @@ _FLASH = {"cpu": torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
 USE_FLASH = True  # False: every block in the fp32 reference arithmetic (the benchmark compares both)
 
 
-def flash_ok(q) -> bool:
+def flash_ok(q, k=None, v=None) -> bool:
     """Whether a fused kernel serves this block: on the CPU in any dtype; on CUDA in bf16/fp16 with a
-    head size the kernel takes, on a card that has it (Ampere or newer)."""
-    if not USE_FLASH or q.device.type not in _FLASH:
+    head size the kernel takes, on a card that has it (Ampere or newer). Inputs of one dtype."""
+    if not USE_FLASH or q.device.type not in _FLASH or any(t is not None and t.dtype != q.dtype for t in (k, v)):
         return False
     if q.device.type == "cpu":
         return True
     return (q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and _capability(q.device) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def attend_block(q, k, v, scaling, softcap=None, bias=None):
@@ -235,9 +246,10 @@ def attend_block(q, k, v, scaling, softcap=None, bias=None):
     Precision policy: scores, softmax and sums in fp32 on bf16/fp16 inputs. A fused kernel (flash
     attention) serves blocks without bias or softcap — it also rounds the probabilities to the input
     dtype for the product with V, as the model's own SDPA forward does; the rest run here in fp32."""
-    if softcap is None and bias is None and flash_ok(q):
-        out, lse = _FLASH[q.device.type](q[None], k[None], v[None], scale=scaling)[:2]
-        return out[0], lse[0, ..., None]
+    if softcap is None and bias is None and flash_ok(q, k, v):
+        R = q.shape[1]
+        out, lse = _FLASH[q.device.type](q[None], k.contiguous()[None], v.contiguous()[None], scale=scaling)[:2]
+        return out[0], lse[0, :, :R, None]  # [:R]: a kernel may pad its log-sum-exp rows
     # Scaled after the matmul: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not;
     # the GEMM applies the scaling to its fp32 result (alpha), no separate pass over the scores.
     sc = torch.baddbmm(q.new_zeros((), dtype=torch.float32), q.float(), k.float().transpose(1, 2), beta=0, alpha=scaling)
