@@ -166,11 +166,11 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     pk, pv = pre.kv(module.layer_idx)  # [Hkv, P, d], image block last; indexed by the model's layer index
     nr = pre.n_rest
     smask, pmask = pre.masks(module, attention_mask, s, query.device)
-    query = query.contiguous()  # [M, Hq, s, d] comes as a transposed view
-    q_rows = query.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, M * G * s, d)
+    # one copy into the row layout ([M, Hq, s, d] usually comes as a transposed view)
+    q_rows = query.view(M, Hkv, G, s, d).transpose(0, 1).reshape(Hkv, M * G * s, d)
 
     # the suffix block: each mask's own keys (few), in fp32
-    ss = torch.matmul(query.float().view(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)
+    ss = torch.matmul(query.float().reshape(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)
     if softcap is not None:
         ss.div_(softcap).tanh_().mul_(softcap)
     if smask is not None:
