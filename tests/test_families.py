@@ -14,6 +14,7 @@ from headsteer.families import CROSS_FAMILIES, FAMILIES, REFUSED
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from headsteer.compat import apply_compat
+from test_fastpath import assert_fast_equals_naive
 from test_intervene import last_logits, mean_like_baseline
 from tiny_models import BUILDERS, HYBRID, IMG, VOCAB, _ids, _unlimited_ocr, alone_row, other_pixels, tiny
 
@@ -44,12 +45,7 @@ def test_video_frames_are_image_tokens(family, kind):
 
 @pytest.mark.parametrize("family", sorted(VIDEO_TOKENS))
 def test_video_fast_equals_naive(family):
-    model, inputs = video_inputs(family, batch=1)
-    ad = get_adapter(model)
-    masks = torch.rand(4, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
-    base = mean_like_baseline(model, inputs)
-    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
-    torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+    assert_fast_equals_naive(*video_inputs(family, batch=1), n=4, seed=0, rate=0.5)
 
 
 @pytest.mark.parametrize("family", sorted(HYBRID))

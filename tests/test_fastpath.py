@@ -11,6 +11,15 @@ from headsteer.baseline import ZeroBaseline
 from headsteer.fastpath import attend_block, merge
 
 
+def assert_fast_equals_naive(model, inputs, n, seed, rate):
+    """The fast path (batches of 4 masks) equals the naive path under the mean-like baseline."""
+    ad = get_adapter(model)
+    masks = torch.rand(n, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(seed)) < rate
+    base = mean_like_baseline(model, inputs)
+    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
+    torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", sorted(set(BUILDERS) - set(NO_FAST_PATH) - HYBRID))  # hybrid: below
 def test_fast_equals_naive_for_random_masks(family):
     model, inputs = tiny(family, batch=1)
@@ -151,12 +160,7 @@ def test_fast_path_without_the_fused_kernel_equals_naive(family, monkeypatch):
     """Where no fused kernel serves (fp32 on CUDA, cards before Ampere, MPS) every block runs in
     headsteer's own fp32 arithmetic: the same results (Gemma 3: its sliding window hides prefix keys)."""
     monkeypatch.setattr(fastpath, "USE_FLASH", False)
-    model, inputs = tiny(family, batch=1)
-    ad = get_adapter(model)
-    masks = torch.rand(6, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(3)) < 0.4
-    base = mean_like_baseline(model, inputs)
-    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
-    torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
+    assert_fast_equals_naive(*tiny(family, batch=1), n=6, seed=3, rate=0.4)
 
 
 def test_the_model_mask_is_read_once_per_batch_not_once_per_layer(monkeypatch):
