@@ -41,6 +41,27 @@ def test_main_paths_on_cuda_bf16(tmp_path):
     main_paths(tmp_path, "cuda", "bf16")
 
 
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_prefix_kernel_on_cuda_equals_the_fp32_blocks(dtype, monkeypatch):
+    """The CUDA flash kernel behind the fast path's prefix block: its output and log-sum-exp (rows
+    and keys not multiples of the kernel's tiles) against headsteer's own fp32 block."""
+    from headsteer import fastpath
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, 128, generator=g).to("cuda", dtype) for n in (1000, 587, 587))
+    if torch.cuda.get_device_capability() < (8, 0):
+        assert not fastpath.flash_ok(q, k, v)
+        return
+    assert fastpath.flash_ok(q, k, v)
+    out, lse = fastpath.attend_block(q, k, v, 128 ** -0.5)
+    monkeypatch.setattr(fastpath, "USE_FLASH", False)
+    ref, ref_lse = fastpath.attend_block(q, k, v, 128 ** -0.5)
+    assert out.shape == ref.shape and lse.shape == ref_lse.shape == (4, 1000, 1)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=0)
+
 @cuda
 def test_precision_contract_on_cuda(default_model):
     from headsteer import get_adapter
