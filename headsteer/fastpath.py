@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -216,16 +217,19 @@ def merge(*blocks):
     return out, z.log_().add_(top)
 
 
-# Fused attention kernels that also return the log-sum-exp; None where a device has none.
-_FLASH = {"cpu": torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
-          "cuda": torch.ops.aten._scaled_dot_product_flash_attention}
+# Fused attention kernels that also return the log-sum-exp, by device type (others have none).
+_FLASH = {dev: getattr(torch.ops.aten, name) for dev, name in (("cpu", "_scaled_dot_product_flash_attention_for_cpu"),
+                                                                ("cuda", "_scaled_dot_product_flash_attention"))
+          if hasattr(torch.ops.aten, name)}
 USE_FLASH = True  # False: every block in the fp32 reference arithmetic (the benchmark compares both)
+_FAILED: set = set()  # devices whose fused kernel refused a block: they go on with the fp32 blocks
 
 
 def flash_ok(q, k=None, v=None) -> bool:
     """Whether a fused kernel serves this block: on the CPU in any dtype; on CUDA in bf16/fp16 with a
     head size the kernel takes, on a card that has it (Ampere or newer). Inputs of one dtype."""
-    if not USE_FLASH or q.device.type not in _FLASH or any(t is not None and t.dtype != q.dtype for t in (k, v)):
+    if not USE_FLASH or q.device.type not in _FLASH or str(q.device) in _FAILED \
+            or any(t is not None and t.dtype != q.dtype for t in (k, v)):
         return False
     if q.device.type == "cpu":
         return True
@@ -247,9 +251,13 @@ def attend_block(q, k, v, scaling, softcap=None, bias=None):
     attention) serves blocks without bias or softcap — it also rounds the probabilities to the input
     dtype for the product with V, as the model's own SDPA forward does; the rest run here in fp32."""
     if softcap is None and bias is None and flash_ok(q, k, v):
-        R = q.shape[1]
-        out, lse = _FLASH[q.device.type](q[None], k.contiguous()[None], v.contiguous()[None], scale=scaling)[:2]
-        return out[0], lse[0, :, :R, None]  # [:R]: a kernel may pad its log-sum-exp rows
+        try:
+            out, lse = _FLASH[q.device.type](q[None], k.contiguous()[None], v.contiguous()[None], scale=scaling)[:2]
+            return out[0], lse[0, :, : q.shape[1], None]  # a kernel may pad its log-sum-exp rows
+        except RuntimeError as e:  # a card or build whose kernel does not take this block: same results, slower
+            _FAILED.add(str(q.device))
+            warnings.warn(f"the fused attention kernel failed on {q.device} ({str(e).splitlines()[0][:200]}); "
+                          "the fast path goes on with its fp32 blocks (same results, slower)", stacklevel=2)
     # Scaled after the matmul: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not;
     # the GEMM applies the scaling to its fp32 result (alpha), no separate pass over the scores.
     sc = torch.baddbmm(q.new_zeros((), dtype=torch.float32), q.float(), k.float().transpose(1, 2), beta=0, alpha=scaling)

@@ -175,3 +175,19 @@ def test_the_model_mask_is_read_once_per_batch_not_once_per_layer(monkeypatch):
     monkeypatch.setattr(fastpath, "additive_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     runner(torch.rand(8, ad.num_layers, ad.num_heads) < 0.4)
     assert len(calls) == 2  # two batches of 4, one mask type
+
+
+def test_a_fused_kernel_that_fails_falls_back_to_the_fp32_blocks_once(monkeypatch):
+    """A card or build whose kernel refuses a block (ROCm, an old build): one warning, the same results."""
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(fastpath._FLASH, "cpu", broken)
+    monkeypatch.setattr(fastpath, "_FAILED", set())
+    model, inputs = tiny("llava", batch=1)
+    with pytest.warns(UserWarning, match="fused attention kernel failed on cpu"):
+        assert_fast_equals_naive(model, inputs, n=6, seed=4, rate=0.4)
+    assert len(calls) == 1
