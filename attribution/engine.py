@@ -71,7 +71,8 @@ def _model_device_dtype(model):
 
 def auto_chunk(model, prefix_len: int, suffix_len: int, ad, state_bytes: int = 0) -> int:
     """Masks per batch: 256 on the CPU; on a GPU as many as about half the free memory holds
-    (fp32 attention scores of the suffix over the prefix, twice, plus the suffix activations, plus
+    (fp32 attention scores of the suffix over the prefix, twice, as the fp32 blocks need where no fused
+    kernel serves — an over-estimate where one does — plus the suffix activations, plus
     ``state_bytes``: one mask's recurrent state in the largest recurrent layer of a hybrid stack, which
     each mask reads as its own copy and updates for itself), at most 1,024: a 7B model's forward is
     already compute-bound at 256, and larger batches only raise the peak memory."""
