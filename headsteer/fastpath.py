@@ -58,8 +58,8 @@ class Prefix:
 
     The copies hold the keys in another order: the non-image positions first, then the image
     positions as one block (in their own order). Attention does not depend on the order of its keys
-    (the prefix mask's columns are reordered with them), and with the image as a block the image
-    part of every score row is a strided view, never a gathered copy."""
+    (the prefix mask's columns are reordered with them), and with the image as a block the ablated
+    rows read the prefix text as a slice, never a gathered copy."""
 
     def __init__(self, cache: PrefixCache, image_positions: torch.Tensor):
         self.cache = cache
