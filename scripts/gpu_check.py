@@ -236,8 +236,8 @@ def main():
         # the reference prompt had a 19-token suffix; this tokenizer gives 9 for the default question
         bench19 = script("bench: llava-1.5-7b shape, 19-token suffix",
                          [py, str(ROOT / "scripts" / "bench_attribution.py"), "--model", str(llava), "--device", args.device,
-                          "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "4", "--question", LONG_QUESTION],
-                         need=45, timeout=180)
+                          "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "4", "--question", LONG_QUESTION,
+                          "--compile"], need=90, timeout=300)
         STATE["extra"]["bench_llava7b_suffix19"] = bench19
         load_and_attribute(str(llava), work, dev, "llava7b", args.n_images, args.masks)
         project("llava7b", args.n_images, args.masks)
