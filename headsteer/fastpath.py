@@ -225,6 +225,17 @@ USE_FLASH = True  # False: every block in the fp32 reference arithmetic (the ben
 _FAILED: set = set()  # devices whose fused kernel refused a block: they go on with the fp32 blocks
 
 
+@contextlib.contextmanager
+def fused_kernel(on: bool):
+    """The fast path with (the default) or without its fused kernel, for comparing the two."""
+    global USE_FLASH
+    old, USE_FLASH = USE_FLASH, on
+    try:
+        yield
+    finally:
+        USE_FLASH = old
+
+
 def flash_ok(q, k=None, v=None) -> bool:
     """Whether a fused kernel serves this block: on the CPU in any dtype; on CUDA in bf16/fp16 with a
     head size the kernel takes, on a card that has it (Ampere or newer). Inputs of one dtype."""

@@ -139,12 +139,13 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     t_fast = timed(lambda: runner(masks), dev) / args.masks
     answer = int(inputs["input_ids"][0, -1])  # any token: the statistic's cost does not depend on it
-    t_stat = timed(lambda: runner(masks, lambda lg: statistic(lg, answer, "margin", list(range(16)))), dev) / args.masks
-    fastpath.USE_FLASH = False  # the same engine with every attention block in headsteer's own fp32 arithmetic
-    try:
-        t_unfused = timed(lambda: runner(masks, lambda lg: statistic(lg, answer, "margin", list(range(16)))), dev) / args.masks
-    finally:
-        fastpath.USE_FLASH = True
+
+    def stat(lg):
+        return statistic(lg, answer, "margin", list(range(16)))
+
+    t_stat = timed(lambda: runner(masks, stat), dev) / args.masks
+    with fastpath.fused_kernel(False):  # the same engine with every attention block in headsteer's own fp32 arithmetic
+        t_unfused = timed(lambda: runner(masks, stat), dev) / args.masks
     probe = torch.zeros(1, 1, ad.head_dim, device=dev, dtype=dtype)
     kernel = "flash attention" if fastpath.flash_ok(probe) else "none for this device/dtype: fp32 blocks"
     print(f"model: {name}; {ad.num_layers} layers x {ad.num_heads} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; "
@@ -168,7 +169,7 @@ def main():
         print(f"peak GPU memory (fast path): {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB; "
               f"GPU: {torch.cuda.get_device_name()}")
     if args.profile:
-        profile(runner, masks[: runner.chunk], dev, lambda lg: statistic(lg, answer, "margin", list(range(16))))
+        profile(runner, masks[: runner.chunk], dev, stat)
     if args.compile:
         t0 = time.perf_counter()
         n = compile_dense(ad)
@@ -177,7 +178,7 @@ def main():
         sync(dev)
         t_compile = time.perf_counter() - t0
         t_plain_c = timed(plain, dev) / args.masks
-        t_stat_c = timed(lambda: runner(masks, lambda lg: statistic(lg, answer, "margin", list(range(16)))), dev) / args.masks
+        t_stat_c = timed(lambda: runner(masks, stat), dev) / args.masks
         print(f"compiled ({n} MLP/norm modules, {t_compile:.0f} s to compile): plain suffix {1 / t_plain_c:.1f} masks/s, "
               f"fast as attribute runs it {1 / t_stat_c:.1f} masks/s ({t_plain / t_stat_c:.2f} of the uncompiled plain "
               f"suffix forward, {t_plain_c / t_stat_c:.2f} of the compiled one)")

@@ -32,11 +32,8 @@ def main():
     for name, dtype, m, i in cases:
         got = {}
         for fused in (True, False):
-            fastpath.USE_FLASH = fused
-            try:
+            with fastpath.fused_kernel(fused):
                 errs, ref = check_contract(m, i, dtype)
-            finally:
-                fastpath.USE_FLASH = True
             budget = 1.5 * ref + 1e-3
             got["fused" if fused else "unfused"], got["naive"] = errs["fast"] / budget, errs["naive"] / budget
         print(f"{name:<12} {str(dtype)[6:]:<9} {got['fused']:12.3f} {got['unfused']:14.3f} {got['naive']:7.3f}")
