@@ -16,21 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import time
-from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import headsteer  # noqa: E402
-from headsteer import fastpath  # noqa: E402
-from headsteer.adapters import get_adapter  # noqa: E402
-from headsteer.ask import default_image  # noqa: E402
-from headsteer.attribution.engine import SuffixRunner, naive_logits  # noqa: E402
-from headsteer.attribution.regression import sample_masks, statistic  # noqa: E402
-from headsteer.baseline import ZeroBaseline, make_baseline  # noqa: E402
-from headsteer.intervene import intervene  # noqa: E402
+import headsteer
+from headsteer import fastpath
+from headsteer.adapters import get_adapter
+from headsteer.ask import default_image
+from headsteer.attribution.engine import SuffixRunner, naive_logits
+from headsteer.attribution.regression import sample_masks, statistic
+from headsteer.baseline import ZeroBaseline, make_baseline
+from headsteer.intervene import intervene
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import numpy as np
 import torch
 

@@ -19,15 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import torch
 from click.testing import CliRunner
 
+import headsteer
+from headsteer import fastpath
+from headsteer.ask import default_image
+from headsteer.cli import main as cli
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import headsteer  # noqa: E402
-from headsteer import fastpath  # noqa: E402
-from headsteer.ask import default_image  # noqa: E402
-from headsteer.cli import main as cli  # noqa: E402
 
 LONG_QUESTION = "what is the shape in this image and what is the colour of the shape there ?"
 RESULTS = []

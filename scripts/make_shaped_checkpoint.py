@@ -14,14 +14,13 @@ template would lay them out, not with the real vocabulary.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from headsteer import toy  # noqa: E402
+from headsteer import toy
 
 WORDS = ("what is the shape color colour in image does this contain a an circle rectangle triangle red green blue "
          "yellow teal brown gray black white yes no not of there").split()

@@ -9,16 +9,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import headsteer
+from headsteer import fastpath, get_adapter
+from headsteer.ask import default_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_precision import check_contract  # noqa: E402  (the tests' own reference; tests/ is not a package)
 from tiny_models import tiny  # noqa: E402
-
-import headsteer  # noqa: E402
-from headsteer import fastpath, get_adapter  # noqa: E402
-from headsteer.ask import default_image  # noqa: E402
 
 FAMILIES = ["llava", "qwen2_5_vl", "gemma3", "mistral3", "llama4", "qwen3_5", "lfm2_vl"]
 

@@ -15,17 +15,16 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from headsteer import toy  # noqa: E402
-from headsteer.data import easy_vqa_qtype  # noqa: E402
+from headsteer import toy
+from headsteer.data import easy_vqa_qtype
 
 
 def words_of(strings):
