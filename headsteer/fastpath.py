@@ -170,17 +170,11 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     # one copy into the row layout ([M, Hq, s, d] usually comes as a transposed view)
     q_rows = query.view(M, Hkv, G, s, d).transpose(0, 1).reshape(Hkv, M * G * s, d)
 
-    # the suffix block: each mask's own keys (few), in fp32
-    ss = torch.matmul(query.float().reshape(M, Hkv, G * s, d), key.float().transpose(-1, -2)).mul_(scaling)
-    if softcap is not None:
-        ss.div_(softcap).tanh_().mul_(softcap)
-    if smask is not None:
-        ss.view(M, Hkv, G, s, s).add_(smask)
-    top = ss.amax(-1, keepdim=True)
-    es = ss.sub_(top).exp_()
-    z = es.sum(-1, keepdim=True)
-    suffix = (torch.matmul(es, value.float()).div_(z).transpose(0, 1).reshape(Hkv, -1, d),
-              z.log_().add_(top).transpose(0, 1).reshape(Hkv, -1, 1))
+    # the suffix block: each mask's own keys (few), in fp32; one block per (mask, KV head)
+    so, slse = attend_block(query.reshape(M * Hkv, G * s, d), key.reshape(M * Hkv, s, d), value.reshape(M * Hkv, s, d),
+                            scaling, softcap, None if smask is None else smask[0], fused=False)
+    suffix = (so.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, -1, d),
+              slse.view(M, Hkv, G * s, 1).transpose(0, 1).reshape(Hkv, -1, 1))
     out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask))[0]
 
     abl = session.ablation()
@@ -253,15 +247,16 @@ def _capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def attend_block(q, k, v, scaling, softcap=None, bias=None):
+def attend_block(q, k, v, scaling, softcap=None, bias=None, fused=True):
     """softmax(q k^T * scaling) v over one block of keys: q [H, R, d], k/v [H, n, d] in the model's
     dtype → (output [H, R, d], log-sum-exp fp32 [H, R, 1]). ``bias`` (additive, fp32) broadcasts to
-    the scores viewed as [H, R/r, r, n] with r = bias.shape[-2].
+    the scores viewed as [H, R/r, r, n] with r = bias.shape[-2]. ``fused=False``: always the fp32
+    arithmetic (the suffix block, a few keys per row).
 
     Precision policy: scores, softmax and sums in fp32 on bf16/fp16 inputs. A fused kernel (flash
     attention) serves blocks without bias or softcap — it also rounds the probabilities to the input
     dtype for the product with V, as the model's own SDPA forward does; the rest run here in fp32."""
-    if softcap is None and bias is None and flash_ok(q, k, v):
+    if fused and softcap is None and bias is None and flash_ok(q, k, v):
         try:
             out, lse = _FLASH[q.device.type](q[None], k.contiguous()[None], v.contiguous()[None], scale=scaling)[:2]
             return out[0], lse[0, :, : q.shape[1], None]  # a kernel may pad its log-sum-exp rows
