@@ -181,8 +181,9 @@ QUESTION_ONLY_PROMPTS = ("idefics", "fuyu", *_PREPENDS_IMAGE)
 # Families whose forward derives positions from the token layout itself (3D multimodal RoPE): they
 # count from each row's first real token (attention_mask) and keep the offset (rope deltas) for the
 # cached steps, so headsteer passes no position ids.
-OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "minicpmv4_7", "cohere_compass", "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe",
-                 "paddleocr_vl", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
+OWN_POSITIONS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "cosmos3_omni", "cosmos3_edge", "minicpmv4_7", "cohere_compass",
+                 "qwen3_vl_moe", "glm4v", "glm46v", "glm4v_moe", "glmga", "glm_ocr", "ernie4_5_vl_moe", "paddleocr_vl",
+                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_5", "qwen3_5_moe"}
 # Families whose positions start at 1 rather than 0.
 POSITION_BASE = {"paligemma": 1}
 # Families whose model needs the processor's mm_token_type_ids (which tokens are image/video, for its
