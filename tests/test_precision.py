@@ -9,7 +9,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from headsteer import get_adapter
+from headsteer import fastpath, get_adapter
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from test_intervene import mean_like_baseline
 from tiny_models import tiny
@@ -88,11 +88,13 @@ def check_contract(model, inputs, dtype, n_masks=6):
     lp, lp_inputs = low_precision(model, inputs, dtype)
     ref_err = (reference_logits(lp, lp_inputs, masks, base) - truth).abs().max().item()
     budget = 1.5 * ref_err + 1e-3
-    fast = SuffixRunner(lp, None, None, None, base, inputs=lp_inputs)(masks)
-    naive = naive_logits(lp, None, lp_inputs, masks, base)
-    errs = {"fast": (fast - truth).abs().max().item(), "naive": (naive - truth).abs().max().item()}
+    got = {"fast": SuffixRunner(lp, None, None, None, base, inputs=lp_inputs)(masks)}  # with its fused kernel where one serves
+    with fastpath.fused_kernel(False):
+        got["fast, unfused"] = SuffixRunner(lp, None, None, None, base, inputs=lp_inputs)(masks)
+    got["naive"] = naive_logits(lp, None, lp_inputs, masks, base)
+    errs = {path: (logits - truth).abs().max().item() for path, logits in got.items()}
     assert all(e <= budget for e in errs.values()), (errs, ref_err, budget)
-    return errs, ref_err
+    return errs, ref_err, budget
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
