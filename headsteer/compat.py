@@ -1,6 +1,10 @@
-"""Work-arounds for bugs in the transformers release headsteer runs on, applied to one model object
-when its adapter is made (never to a model class: nothing here patches classes or ``forward``)."""
+"""Work-arounds for bugs in the transformers releases headsteer supports, applied to one model object
+when its adapter is made (never to a model class: nothing here patches classes or ``forward``). Each
+one is applied only where the installed release has the bug, found by looking at that release's code,
+so a fixed release runs untouched."""
 from __future__ import annotations
+
+import inspect
 
 from torch import nn
 
@@ -9,16 +13,24 @@ _HOOKED = "_headsteer_image_outputs_hook"  # attribute of the language model: th
 
 def apply_compat(model: nn.Module, model_type: str) -> None:
     """Every work-around that ``model`` (of ``model_type``) needs; safe to call again."""
-    if model_type == "llama4":
+    if model_type == "llama4" and reads_language_model_image_outputs(type(model)):
         _llama4_image_outputs(model)
 
 
+def reads_language_model_image_outputs(cls) -> bool:
+    """transformers 5.24's Llama4ForConditionalGeneration.forward passes ``outputs.image_outputs`` of its
+    language model's output on, a field that output class lacks; 5.25 passes the vision outputs instead.
+    Without the forward's source (a frozen install), assume the bug: the hook is harmless where fixed."""
+    try:
+        return "outputs.image_outputs" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
+
+
 def _llama4_image_outputs(model: nn.Module) -> None:
-    # transformers 5.24: Llama4ForConditionalGeneration.forward ends by reading
-    # ``outputs.image_outputs`` from its language model's MoeCausalLMOutputWithPast, a class without
-    # that field, so every forward raises AttributeError after the logits are computed. A forward hook
-    # on this model's language model gives that output the attribute (None: the composite model
-    # never passes the image features down anyway). ModelOutput.__setattr__ stores a name that is
+    # Every forward of the affected release raises AttributeError after the logits are computed. A
+    # forward hook on this model's language model gives that output the attribute (None: the composite
+    # model never passes the image features down anyway). ModelOutput.__setattr__ stores a name that is
     # not a field as a plain attribute, so the output's keys and to_tuple() stay as they were.
     lm = getattr(model, "language_model", None)
     if lm is None or _HOOKED in lm.__dict__:

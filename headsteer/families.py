@@ -16,6 +16,7 @@ FAMILIES = {
     "llava_next": "LLaVA-NeXT",
     "granite4_vision": "Granite 4 Vision (LLaVA-NeXT layout, window Q-Former projector, DeepStack at image positions)",
     "llava_onevision": "LLaVA-OneVision",
+    "llava_onevision1_5": "LLaVA-OneVision-1.5 (RICE ViT, Qwen3 text with 1D positions)",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
@@ -114,8 +115,9 @@ _POSITION_MASK = ("image positions are marked by image_embeds_position_mask, not
                   "(the processor writes a different placeholder id at each image position)")
 # Their generation step recomputes positions from the cache length, padding included (a tiny EXAONE 4.5
 # fails the cached-generation invariant under ablation).
-_GEN_POSITIONS = ("transformers 5.24's prepare_inputs_for_generation drops position_ids, so the decoding steps of a "
-                  "left-padded batch count the padding while the prompt's positions do not; not supported yet")
+_ACTIONS = "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute"
+_GEN_POSITIONS = ("its prepare_inputs_for_generation drops position_ids (transformers 5.24-5.25), so the decoding steps of "
+                  "a left-padded batch count the padding while the prompt's positions do not; not supported yet")
 # Per-layer head geometry: headsteer numbers heads as one [layers x heads] grid of one head size.
 _PER_LAYER_HEADS = ("its sliding-window layers can have another number of query heads{} than its full-attention "
                     "layers, and headsteer numbers heads as one [layers x heads] grid")
@@ -164,7 +166,9 @@ REFUSED = {
     "gemma4": _GLOBAL_HEAD_DIM,
     "gemma4_unified": _GLOBAL_HEAD_DIM,
     "gemma3n": _TIMM,
-    "pi0": "an action model (flow-matching action expert over robot state/action embeddings): there is no answer token to attribute",
+    "pi0": _ACTIONS,
+    "pi05": _ACTIONS,
+    "ovis2_5": _GEN_POSITIONS,
     "diffusion_gemma": "a block-diffusion model: the answer is a denoised block of tokens, not a next token to attribute",
     "instructblipvideo": ("transformers 5.24's InstructBlipVideoForConditionalGeneration passes the text's keyword arguments "
                           "(position ids too) into its Q-Former, which breaks the padded-batch positions headsteer gives the "

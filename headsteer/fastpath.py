@@ -25,6 +25,13 @@ from .attention_mask import additive_mask
 from .errors import HeadsteerError
 
 
+def seen_tokens(cache) -> int:
+    """The tokens a cache holds, as a Python int. transformers 5.25 answers from layer 0 even where it is
+    a recurrent layer (5.24 asked the first attention layer), with a 0-dim tensor that the layer then
+    increments in place during the forward: a reference kept to it would change under the reader."""
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
 class _PrefixLayer(DynamicLayer):
     """Holds the batch-1 prefix K/V; ``update`` passes the suffix through without storing it."""
 
@@ -63,7 +70,7 @@ class Prefix:
 
     def __init__(self, cache: PrefixCache, image_positions: torch.Tensor):
         self.cache = cache
-        self.length = cache.get_seq_length()  # asks the first attention layer: layer 0 may be recurrent (hybrid stacks)
+        self.length = seen_tokens(cache)
         img = image_positions.bool().cpu()
         self.n_img = int(img.sum())
         self.n_rest = self.length - self.n_img

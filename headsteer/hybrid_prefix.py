@@ -46,15 +46,32 @@ class _PrefixState(LinearAttentionLayer):
         self.has_previous_state = dict(filled.has_previous_state)
         self.conv_kernel_size = dict(filled.conv_kernel_size)
         self.dtype, self.device = filled.dtype, filled.device
+        self.length = filled_length(filled)
+        self.cumulative_length_linear = torch.tensor(self.length)  # what a re-view (at_batch) reads
         # A one-token suffix would otherwise take the models' decode kernel, which updates the conv
         # state in place; a layer that records its past gets the whole window through update_conv_state.
         self.record_past = True
+
+    def get_seq_length(self) -> int:
+        # transformers >= 5.25 asks a cache's layer 0 for the tokens seen, recurrent or not (5.24 skipped
+        # to the first attention layer): the prefix length, fixed, since nothing is ever written here.
+        return self.length
+
+    def increase_count(self, state_idx: int):
+        pass  # read-only: the count stays the prefix length
 
     def update_conv_state(self, conv_states, state_idx=0, **kwargs):
         return torch.cat([self.conv_states[state_idx], conv_states], dim=-1)
 
     def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
         return recurrent_states
+
+
+def filled_length(layer) -> int:
+    """Tokens a filled recurrent layer has seen (the prefix length); transformers < 5.25 kept no count
+    there (0: the cache then asks its first attention layer)."""
+    n = getattr(layer, "cumulative_length_linear", None)
+    return 0 if n is None else int(n)
 
 
 def _rows(state, batch):

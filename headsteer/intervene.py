@@ -34,7 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from .adapters import Adapter, get_adapter
 from .attention_mask import NEG, additive_mask
 from .errors import HeadsteerError
-from .fastpath import prefixed_attention
+from .fastpath import prefixed_attention, seen_tokens
 from .heads import HeadSet
 
 _SESSION = "_headsteer_state"  # attribute of the model while a context is open
@@ -481,7 +481,7 @@ def _groups_hook(session: _Session):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         # Tokens seen before this forward: a sliding-window layer's cache keeps only the last
         # keys, and groups are aligned by absolute position (see _key_positions).
-        session.past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        session.past = seen_tokens(cache)
         # cache layers that keep the whole prompt besides their window (reference sliding window)
         session.kept_prefill = {i: n for i, lay in enumerate(getattr(cache, "layers", None) or [])
                                 if isinstance(n := getattr(lay, "prefill_length", None), int)}

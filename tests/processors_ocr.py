@@ -24,7 +24,7 @@ from transformers.models.janus.image_processing_pil_janus import JanusImageProce
 from transformers.models.ovis2.image_processing_pil_ovis2 import Ovis2ImageProcessorPil
 from transformers.models.pp_chart2table.image_processing_pil_pp_chart2table import PPChart2TableImageProcessorPil
 
-from tiny_models import IMG
+from tiny_models import IMG, molmo2_pooling_per_image
 from tiny_processors import ProcessorSpec, feature_counts, make_tokenizer, template, unchecked_video
 
 QWEN_TURNS = ("<|im_start|>", "<|im_end|>")
@@ -132,8 +132,8 @@ class Molmo2PilImageProcessor(PilBackend):
     plain torch: per image, a low-res view (the whole image resized to one crop) and overlapping crops
     of a canvas tiled by select_tiling; pixel_values float [crops, patches per crop, patch*patch*3] of
     every image's crops in turn; image_token_pooling long [tokens, pool*pool]: per image token, the
-    indices of the patches it pools, counted over the whole batch (-1: padding; int32, as the real
-    one makes them); image_grids long
+    indices of the patches it pools, counted per image (transformers >= 5.25, whose model adds each
+    image's offset) or over the whole batch (5.24) (-1: padding; int32, as the real one makes them); image_grids long
     [images, 4] (low-res rows, cols, high-res rows, cols of pooled tokens); image_num_crops long
     [images]. Resizing is bilinear without antialiasing in float, rounded back to bytes, as the real
     one does with torchvision. The checkpoints' 378-pixel crops of 14-pixel patches with margins of 4
@@ -182,10 +182,11 @@ class Molmo2PilImageProcessor(PilBackend):
 
     def __call__(self, images, return_tensors=None, **kwargs):
         pixels, pooled, grids, offset = [], [], [], 0
+        per_image = molmo2_pooling_per_image()
         for im in make_flat_list_of_images(images):
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
             patches, pooling, grid = self._one(image)
-            pooled.append(torch.where(pooling >= 0, pooling + offset, -1))
+            pooled.append(pooling if per_image else torch.where(pooling >= 0, pooling + offset, -1))
             pixels.append(patches)
             grids.append(grid)
             offset += patches.shape[0] * patches.shape[1]

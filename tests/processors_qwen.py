@@ -1,5 +1,5 @@
 """Real processors of the 3D-RoPE (multimodal RoPE) families on their tiny models: Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL (dense and MoE), Cosmos3 Edge, Cohere Compass, the Qwen2.5-Omni / Qwen3-Omni thinkers, and
+Qwen3-VL (dense and MoE), LLaVA-OneVision-1.5 (1D positions), Cosmos3 Edge, Cohere Compass, the Qwen2.5-Omni / Qwen3-Omni thinkers, and
 the hybrid stacks Qwen3.5 (dense, MoE), LFM3-VL and LFM2-VL.
 
 Their processors expand ``<|image_pad|>`` into one token per 2x2-merged patch between
@@ -55,6 +55,15 @@ def _cosmos3_edge():
     return unchecked_video(tf.Cosmos3EdgeProcessor, ip, qwen_tokenizer(), video_processor=None, chat_template=CHATML)
 
 
+def _llava_onevision1_5():
+    # transformers maps only an image processor (Qwen2-VL's) to llava_onevision1_5; its RICE ViT takes
+    # patches without a temporal dimension (3 * 4 * 4 values), merged 2x2; Qwen2-VL's processor lays the
+    # prompt out (an assumption about the checkpoints' processor_config, not read from one)
+    ip = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=1, merge_size=2,
+                                  size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+    return unchecked_video(tf.Qwen2VLProcessor, ip, qwen_tokenizer(), video_processor=None, chat_template=CHATML)
+
+
 COMPASS_AROUND = ["<|VISION_START|>", "<|VISION_END|>"]
 COMPASS_ROLE = (["<|START_OF_TURN_TOKEN|>"], "<|CHATBOT_TOKEN|>")
 
@@ -90,7 +99,20 @@ def _omni(cls):
 
 
 class _Lfm2VlImagesKwargs(ImagesKwargs, total=False):
-    return_row_col_info: bool  # what Lfm2VlProcessor asks its image processor for
+    """What Lfm2VlProcessor asks its image processor for, and (transformers >= 5.25) the layout settings it
+    reads from the image processor's merged kwargs (the real class's Lfm2VlImageProcessorKwargs)."""
+
+    return_row_col_info: bool
+    downsample_factor: int
+    do_image_splitting: bool
+    min_tiles: int
+    max_tiles: int
+    use_thumbnail: bool
+    min_image_tokens: int
+    max_image_tokens: int
+    encoder_patch_size: int
+    tile_size: int
+    max_pixels_tolerance: float
 
 
 class OneTileLfm2VlImageProcessor(SiglipImageProcessorPil):
@@ -156,6 +178,7 @@ SPECS = {
     "cosmos3_omni": _spec(tf.Qwen3VLProcessor),
     # Cosmos3 Edge: its processor returns mm_token_type_ids (which the model's 3D RoPE requires) only when
     # asked (Adapter.processor_kwargs)
+    "llava_onevision1_5": ProcessorSpec(_llava_onevision1_5, QWEN_ROLE, QWEN_AROUND, multi_image=True, tiles=True, sizes=SIZES),
     "cosmos3_edge": ProcessorSpec(_cosmos3_edge, QWEN_ROLE, QWEN_AROUND, multi_image=True, tiles=True, sizes=SIZES),
     "qwen2_5_omni_thinker": _omni(tf.Qwen2_5OmniProcessor),
     "qwen3_omni_moe_thinker": _omni(tf.Qwen3OmniMoeProcessor),

@@ -13,7 +13,7 @@ from headsteer import HeadsteerError, get_adapter, intervene
 from headsteer.families import CROSS_FAMILIES, FAMILIES, REFUSED
 from headsteer.attribution.engine import SuffixRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
-from headsteer.compat import apply_compat
+from headsteer.compat import apply_compat, reads_language_model_image_outputs
 from test_fastpath import assert_fast_equals_naive
 from test_intervene import last_logits, mean_like_baseline
 from tiny_models import BUILDERS, HYBRID, IMG, VOCAB, _ids, _unlimited_ocr, alone_row, other_pixels, tiny
@@ -141,20 +141,39 @@ def test_llama4_chunked_layer_ablation_reads_only_the_chunk():
         assert ((naive - ref).abs().max() > 1e-4) == moves
 
 
-def test_llama4_work_around_is_added_once_and_keeps_the_output():
-    """transformers 5.24's Llama 4 forward reads a field its language model's output lacks; the
-    adapter gives that output the attribute with one forward hook, added once per model, and the
-    output keeps its fields."""
+def test_llama4_work_around_only_where_needed_added_once_and_keeps_the_output():
+    """transformers 5.24's Llama 4 forward reads a field its language model's output lacks; where the
+    installed release does that, the adapter gives that output the attribute with one forward hook,
+    added once per model, and the output keeps its fields. A release without the bug (5.25) gets no
+    hook. Either way a forward of a fresh model runs through."""
+    from transformers import Llama4ForConditionalGeneration
+
     model, inputs = tiny("llama4", batch=1)
     fresh = type(model)(model.config).eval()  # no adapter yet
+    needed = reads_language_model_image_outputs(Llama4ForConditionalGeneration)
     apply_compat(fresh, "llama4")
     get_adapter(fresh)
-    assert len(fresh.language_model._forward_hooks) == 1
+    assert len(fresh.language_model._forward_hooks) == int(needed)
     with torch.no_grad():
         out = fresh(**inputs)
         lm_out = fresh.language_model(input_ids=inputs["input_ids"])
-    assert "image_outputs" not in out and "image_outputs" not in lm_out  # keys, not attributes
-    assert lm_out.image_outputs is None and out.logits.shape[:2] == inputs["input_ids"].shape
+    assert "image_outputs" not in lm_out  # a key only where transformers defines the field
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    if needed:
+        assert "image_outputs" not in out and lm_out.image_outputs is None
+
+
+def test_llama4_bug_detection_reads_the_forward():
+    """The detection looks for the 5.24 expression in the forward, so a fixed release is left alone."""
+    class Buggy:
+        def forward(self, outputs):
+            return outputs.image_outputs
+
+    class Fixed:
+        def forward(self, mm):
+            return mm.get("image")
+
+    assert reads_language_model_image_outputs(Buggy) and not reads_language_model_image_outputs(Fixed)
 
 
 def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_reason():

@@ -130,6 +130,22 @@ def _qwen_vl(batch, version):
                             mm_token_type_ids=(ids == IMG).long())
 
 
+def _llava_onevision1_5(batch):
+    """LLaVA-OneVision-1.5: a RICE ViT (2D RoPE, a class token per image) over flattened 4x4 patches, merged
+    2x2 into 4 image tokens between <|vision_start|> and <|vision_end|>; Qwen3 text with 1D positions."""
+    import transformers as tf
+
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  out_hidden_size=32)
+    cfg = tf.LlavaOnevision15Config(text_config=tf.Qwen3Config(**TEXT), vision_config=vision, image_token_id=IMG,
+                                    video_token_id=87, vision_start_token_id=88, vision_end_token_id=89)
+    pre = torch.cat([torch.tensor([88]), torch.full((4,), IMG), torch.tensor([89])])
+    ids, am = _ids(6, batch, pre=pre)
+    return tf.LlavaOnevision15ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am,
+                                                                  pixel_values=torch.randn(batch * 16, 3 * 4 * 4),
+                                                                  image_grid_thw=torch.tensor([[1, 4, 4]] * batch))
+
+
 def _idefics3(batch, smol=False):
     import transformers as tf
 
@@ -287,9 +303,18 @@ def _muse_glimmer(batch, spark=False):
                   out_hidden_size=128, projector_hidden_size=32, **extra)
 
 
+def molmo2_pooling_per_image() -> bool:
+    """Whether Molmo2's image_token_pooling counts patches per image (transformers >= 5.25: the model adds
+    each image's offset, from image_num_crops) or over the whole batch (5.24: the processor added them)."""
+    import transformers as tf
+
+    return "image_num_crops" in inspect.signature(tf.Molmo2Model.get_image_features).parameters
+
+
 def _molmo2(batch):
     """Molmo2: one 16x16 crop per image (16 patches of 4x4), pooled 2x2 into 4 image tokens; the pooling
-    indices count patches over the whole batch. Image tokens attend to each other bidirectionally.
+    indices count patches per image or over the whole batch, as the installed transformers expects
+    (``molmo2_pooling_per_image``). Image tokens attend to each other bidirectionally.
     Vision and adapter initialised wider (0.3): at 0.02 the tiny image features are ~1e-9."""
     import transformers as tf
 
@@ -303,8 +328,9 @@ def _molmo2(batch):
                           image_end_token_id=89, low_res_image_start_token_id=87, frame_start_token_id=86, frame_end_token_id=85)
     local = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])  # 2x2 windows of the 4x4 patch grid
     ids, am = _ids(4, batch)
+    per_image = molmo2_pooling_per_image()
     return tf.Molmo2ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=am, pixel_values=torch.randn(batch, 1, 16, 48),
-                                                       image_token_pooling=torch.cat([local + 16 * b for b in range(batch)]),
+                                                       image_token_pooling=torch.cat([local + (0 if per_image else 16 * b) for b in range(batch)]),
                                                        image_grids=torch.tensor([[2, 2, 0, 0]] * batch),
                                                        image_num_crops=torch.tensor([1] * batch), mm_token_type_ids=(ids == IMG).long())
 
@@ -680,6 +706,7 @@ BUILDERS = {
     "llava": _llava,
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
+    "llava_onevision1_5": _llava_onevision1_5,
     "granite4_vision": _granite4_vision,
     "qwen2_vl": lambda b: _qwen_vl(b, "qwen2_vl"),
     "qwen2_5_vl": lambda b: _qwen_vl(b, "qwen2_5_vl"),
@@ -845,10 +872,10 @@ def alone_row(family, inputs, b):
             widths = (inputs["target_sizes"].prod(-1) * v.shape[-2]).tolist()  # patches x patch width (square patches)
             start = sum(widths[:b])
             out[k] = v[..., start : start + widths[b]]
-        elif k == "image_token_pooling":  # Molmo2: per image token, indices into the batch's patches
+        elif k == "image_token_pooling":  # Molmo2: per image token, indices into the image's (or the batch's) patches
             grids = inputs["image_grids"]
             tokens = (grids[:, 0] * grids[:, 1] + grids[:, 2] * grids[:, 3]).tolist()
-            patches = inputs["pixel_values"].shape[1] * inputs["pixel_values"].shape[2]  # crops x patches per image
+            patches = 0 if molmo2_pooling_per_image() else inputs["pixel_values"].shape[1] * inputs["pixel_values"].shape[2]
             start = sum(tokens[:b])
             rows = v[start : start + tokens[b]]
             out[k] = torch.where(rows >= 0, rows - b * patches, rows)  # -1 marks a padding slot
