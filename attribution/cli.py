@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import force_opt, friendly, load_options, qtype_filter
+from headsteer.cli import force_opt, friendly, load_options, qtype_filter, self_check_opt
 from headsteer.parallel import process_shard
 
 
@@ -35,9 +35,10 @@ from headsteer.parallel import process_shard
 @click.option("--out", default="runs/attribute", show_default=True,
               help="output directory (a rerun of the same model, data and settings resumes)")
 @force_opt
+@self_check_opt
 @friendly
 def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, alpha, baseline, statistic, method, n_eval, k_max,
-              n_random, min_gap, no_compare, seed, out, force):
+              n_random, min_gap, no_compare, seed, out, force, no_self_check):
     """Rank heads by how much the answer depends on the image flowing through them (COAR)."""
     from tqdm import tqdm
 
@@ -70,7 +71,7 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
     with tqdm(total=total, desc="attribute", unit="img", disable=rank > 0) as bar:
         t0 = time.perf_counter()
         result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=progress, force=force,
-                                   min_gap_frac=min_gap)
+                                   min_gap_frac=min_gap, check=not no_self_check)
         t_run = time.perf_counter() - t0
     if result is None:
         return

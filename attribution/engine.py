@@ -3,6 +3,8 @@ forward per mask) and the fast path (shared prefix, batch of masks over the text
 return CPU float32 tensors: this is where results cross from the model's device to the host."""
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -12,6 +14,7 @@ from headsteer.errors import HeadsteerError
 from headsteer.fastpath import Prefix, PrefixCache, tf32_for
 from headsteer.hybrid_prefix import HybridPrefixCache, filling_cache
 from headsteer.intervene import Spec, intervene
+from headsteer.selfcheck import compare
 
 # Families that always take the naive path, and why. Prefix-LM families: image positions attend to
 # the prompt text after them, so the prefix is not invariant under ablation.
@@ -212,6 +215,31 @@ def naive_logits(model, processor, inputs, masks, baseline, reduce=None) -> torc
                 out.append(model(**inputs, logits_to_keep=1).logits[:, -1].float())
     out = torch.cat(out)
     return (out if reduce is None else reduce(out)).cpu()
+
+
+def check_fast_path(model, processor, inputs, baseline, rate: float = 0.1, n_masks: int = 4, seed: int = 0):
+    """The run-time check of the fast path on one prompt (``headsteer.selfcheck``): a callable taking
+    the rounding ``floor`` and returning its figures — fast against naive on ``n_masks`` masks (no head,
+    every head, and random ones at ``rate``). None where the prompt takes the naive path anyway."""
+    ad = get_adapter(model, processor)
+    if fast_path_refusal(ad, inputs["input_ids"]) is not None:
+        return None
+
+    def check(floor: float) -> dict:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed)
+        masks = torch.rand(n_masks, ad.num_layers, ad.num_heads, generator=g) < rate
+        masks[0], masks[1] = False, True
+        try:
+            fast = SuffixRunner(model, processor, None, None, baseline, inputs=inputs)(masks)
+        except Exception as e:  # a fast path that cannot even run here is a failed check, not a crash
+            return {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+                    "masks": n_masks, "seconds": round(time.perf_counter() - t0, 3)}
+        out = compare(fast, naive_logits(model, processor, inputs, masks, baseline), next(model.parameters()).dtype, floor)
+        out.update(masks=n_masks, seconds=round(time.perf_counter() - t0, 3))
+        return out
+
+    return check
 
 
 def ablated_logits(model, processor, image, question, masks, baseline="mean", fast=True, chunk=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import force_opt, friendly, load_options, qtype_filter
+from headsteer.cli import force_opt, friendly, load_options, qtype_filter, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, write_json, write_text
 
@@ -64,14 +64,17 @@ def plot_flow(out: Path, flow: dict):
 @click.option("--out", default="runs/flow", show_default=True,
               help="output directory (a rerun of the same settings shows its results; --force recomputes)")
 @force_opt
+@self_check_opt
 @friendly
-def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force):
+def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force,
+         no_self_check):
     """Attention knockout between token groups, layer window by layer window."""
     from tqdm import tqdm
 
     from headsteer import get_adapter, load
     from headsteer.data import load_data
-    from headsteer.rundir import check_out, open_run, run_identity
+    from headsteer.rundir import check_out, open_run, record, run_identity
+    from headsteer.selfcheck import SKIPPED, check_example
 
     from .flow import MEASURE_WORDS, describe, flow_dataset
 
@@ -94,6 +97,7 @@ def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads,
         click.echo(f"{out}/ already holds this run (same model, data and settings): shown above, nothing rewritten; "
                    "--force recomputes it")
         return
+    record(run, "self_check", dict(SKIPPED) if no_self_check else check_example(m, proc, ds[0]))
     with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
     write_json(outp / "flow.json", result)

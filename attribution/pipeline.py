@@ -17,7 +17,7 @@ from headsteer.parallel import process_shard
 from . import report
 from .curves import headline, k_grid, measure, random_rankings, summarize
 from .regression import fit_correlation
-from .run import Evaluator, Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution
+from .run import Evaluator, Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution, self_check
 from .similarity import easy_vqa_labels, group_similarity
 
 
@@ -74,23 +74,27 @@ def rate_tables(agg: dict, names: dict[str, float], top_frac: float) -> list[dic
 
 def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_max=None, n_eval=40, progress=None,
                       force: bool = False, data_spec: dict | None = None, min_gap_frac: float = 0.1, n_boot: int = 1000,
-                      top_frac: float = 0.1):
+                      top_frac: float = 0.1, check: bool = True):
     """Attribution of the first ``settings.n_images`` examples (resumable, see ``run_attribution``),
     then faithfulness and completeness curves of every ranking on the next ``n_eval`` examples —
     held out: with none there, there are no curves, and the outputs say so. ``k_max``: the
     largest k of the curves (default: every head); ``min_gap_frac``: the per-image denominator
-    guard (``curves.normalize``); ``top_frac``: the share of heads the layer profile counts."""
+    guard (``curves.normalize``); ``top_frac``: the share of heads the layer profile counts; ``check``:
+    the engine's self-check on the first example (False: skipped, ``--no-self-check``)."""
     if not 0 < top_frac <= 1 or not 0 <= min_gap_frac < 1:
         raise HeadsteerError("top_frac must be in (0, 1] and min_gap_frac in [0, 1)")
     ad = get_adapter(model, processor)
     out = Path(out_dir)
-    rows = run_attribution(model, processor, dataset, settings, out, progress=progress, force=force, data_spec=data_spec)
+    base = as_baseline(model, processor, settings.baseline, dataset)
+    checked = self_check(model, processor, dataset[0], base, settings) if check and len(dataset) else False
+    rows = run_attribution(model, processor, dataset, settings, out, progress=progress, force=force, data_spec=data_spec,
+                           check=checked)
+    fast = checked["fast"] if checked else True
     if process_shard()[0] != 0:
         return None  # the main process aggregates and writes the outputs
     agg = aggregate(rows)
     L, H = ad.num_layers, ad.num_heads
     grid = k_grid(L * H, k_max)
-    base = as_baseline(model, processor, settings.baseline, dataset)
     start = min(settings.n_images, len(dataset))
     held = [dataset[i] for i in range(start, min(len(dataset), start + max(0, n_eval)))] if settings.compare else []
     held_out = {"n_images": len(held), "indices": [start, start + len(held)]}
@@ -103,7 +107,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
         cands = answer_candidates(ad, dataset)
 
         def logits_of(i, masks):
-            return Evaluator(model, processor, held[i]["image"], held[i]["question"], base)(masks)
+            return Evaluator(model, processor, held[i]["image"], held[i]["question"], base, fast=fast)(masks)
 
         raw = measure(held, rankings, grid, L, H, logits_of, lambda i: ad.answer_token_id(held[i]["answer"], held[i]["question"]),
                       settings.statistic, cands, progress)

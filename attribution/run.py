@@ -4,6 +4,7 @@ aggregation over images and classes."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,9 +16,10 @@ from headsteer.errors import HeadsteerError
 from headsteer.intervene import Recorder, intervene
 from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
-from headsteer.rundir import open_run, run_identity
+from headsteer.rundir import open_run, record, run_identity
+from headsteer.selfcheck import SKIPPED, check_example
 
-from .engine import SuffixRunner, fast_path_refusal, naive_logits
+from .engine import SuffixRunner, check_fast_path, fast_path_refusal, naive_logits
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 
@@ -87,14 +89,18 @@ def answer_candidates(ad, dataset) -> list[int]:
     return candidate_ids(ad, sorted(set(dataset["answer"])))
 
 
-class Evaluator:
-    """Logits of one example under masks, by the fast path when the family has one."""
+log = logging.getLogger("headsteer")
 
-    def __init__(self, model, processor, image, question, baseline):
+
+class Evaluator:
+    """Logits of one example under masks, by the fast path when the family has one (and ``fast``: a run
+    whose self-check found the fast path wrong passes False)."""
+
+    def __init__(self, model, processor, image, question, baseline, fast: bool = True):
         self.model, self.processor, self.baseline = model, processor, baseline
         self.ad = get_adapter(model, processor)
         self.inputs = self.ad.encode([image], [question])
-        self.fast = fast_path_refusal(self.ad, self.inputs["input_ids"]) is None
+        self.fast = fast and fast_path_refusal(self.ad, self.inputs["input_ids"]) is None
         self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
 
     def __call__(self, masks, reduce=None):
@@ -141,20 +147,42 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
     return row
 
 
+def self_check(model, processor, example: dict, baseline, settings: Settings) -> dict:
+    """The run's engine check on its first example (``headsteer.selfcheck``): identity, and fast ==
+    naive where the fast path would run. ``fast`` in the result: whether the run may use the fast path
+    (a failed fast check falls back to the naive path, with one line saying so)."""
+    check = check_example(model, processor, example, fast_check=lambda inputs: check_fast_path(
+        model, processor, inputs, baseline, settings.rates[0], seed=settings.seed))
+    fast = check.get("fast_vs_naive", {}).get("passed", True)
+    if not fast:
+        f = check["fast_vs_naive"]
+        why = f.get("error") or f"max |diff| {f['max_abs_diff']:.3g} > tolerance {f['tolerance']:.3g}"
+        log.warning("self-check: the fast path differs from the naive path on %s with transformers %s (%s); this run uses "
+                    "the naive path (same numbers, slower)", check["family"], check["transformers"], why)
+    check["fast"] = fast
+    return check
+
+
 def run_attribution(model, processor, dataset, settings: Settings, out_dir, progress=None, force: bool = False,
-                    data_spec: dict | None = None) -> list[dict]:
+                    data_spec: dict | None = None, check: dict | bool = True) -> list[dict]:
     """Per-image attribution of ``dataset`` rows 0..n_images-1; rows are appended to
     ``out_dir/per_image.jsonl`` as they finish, and a rerun of the same identity (weights,
     processor, data rows, dtype, settings, baseline: see ``headsteer.rundir``) resumes; a folder of
     another identity is refused unless ``force``. ``data_spec``: what else identifies the data
     (kept in run.json). Under ``accelerate launch`` each process takes every world-th image and
-    all rows are gathered."""
+    all rows are gathered. ``check``: the run's self-check (``self_check``) done before (a dict), to do
+    here (True) or skipped (False, ``--no-self-check``); its figures go to run.json."""
     ad = get_adapter(model, processor)
     rank, world = process_shard()
     n = min(settings.n_images, len(dataset))
     base = as_baseline(model, processor, settings.baseline, dataset)
     ident, info = run_identity("attribute", model, processor, dataset, n, data_spec, asdict(settings), baseline=base)
+    if check is True:
+        check = self_check(model, processor, dataset[0], base, settings) if len(dataset) else dict(SKIPPED, fast=True)
+    elif check is False:
+        check = dict(SKIPPED, fast=True)
     run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
+    record(run, "self_check", check)
     rows_path = run / (f"per_image.rank{rank}.jsonl" if world > 1 else "per_image.jsonl")
     rows = resume_rows(rows_path)
     cands = answer_candidates(ad, dataset) if settings.statistic == "margin" else None
@@ -162,7 +190,7 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     with open(rows_path, "a") as f:
         for i in todo:
             ex = dataset[i]
-            ev = Evaluator(model, processor, ex["image"], ex["question"], base)
+            ev = Evaluator(model, processor, ex["image"], ex["question"], base, fast=check["fast"])
             answer_id = ad.answer_token_id(ex["answer"], ex["question"])
             row = attribute_example(ev, answer_id, settings, settings.seed * 100003 + i, cands)
             row.update(index=i, question=ex["question"], answer=ex["answer"], qtype=ex.get("qtype"),

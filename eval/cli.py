@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt
+from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import write_json, write_text
 from headsteer.parallel import process_shard
@@ -106,9 +106,10 @@ def _data_spec(data, task) -> dict:
 @click.option("--out", default="runs/eval", show_default=True,
               help="output directory (a rerun of the same model, data, edit and settings resumes)")
 @force_opt
+@self_check_opt
 @friendly
 def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
-             device, dtype, edit_path, metrics, mode, out, force):
+             device, dtype, edit_path, metrics, mode, out, force, no_self_check):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
     from tqdm import tqdm
 
@@ -127,7 +128,8 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     rank, world = process_shard()
     with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
         rows = evaluate(m, proc, ds, ms, edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
-                        top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task))
+                        top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task),
+                        check=not no_self_check)
     if rank != 0:
         return
     s = summary(rows)
@@ -171,9 +173,10 @@ def summary_markdown(s: dict) -> str:
 @click.option("--out", default="runs/compare", show_default=True,
               help="output directory (each edit's evaluation resumes from its own sub-folder)")
 @force_opt
+@self_check_opt
 @friendly
 def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
-            device, dtype, edit_paths, more_edits, metrics, out, force):
+            device, dtype, edit_paths, more_edits, metrics, out, force, no_self_check):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
     from tqdm import tqdm
 
@@ -197,7 +200,8 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     n = min(limit, len(ds))
     with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
         rows = run_compare(m, proc, ds, edits, out, ms, attribution, batch_size, baseline, hs,
-                           progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task))
+                           progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task),
+                           check=not no_self_check)
     click.echo(markdown(rows))
     click.echo(f"wrote {out}/: run.json headsteer.log compare.md compare.csv compare.png report.html, and runs/ (each "
                "edit's evaluation)")

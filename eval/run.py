@@ -12,7 +12,8 @@ from headsteer.errors import HeadsteerError
 from headsteer.fingerprint import rows_fingerprint
 from headsteer.parallel import finish_processes, gather_rows, process_shard  # noqa: F401  (were defined here)
 from headsteer.rows import resume_rows
-from headsteer.rundir import open_run, run_identity
+from headsteer.rundir import open_run, record, run_identity
+from headsteer.selfcheck import SKIPPED, check_example
 
 from .accuracy import bootstrap_ci, predict_closed, predict_open, soft_accuracy, summarize
 from .transfer import transfer_batch
@@ -46,13 +47,23 @@ def _edit_context(model, processor, edit):
     return apply_edit(model, edit, processor)
 
 
+def self_check(model, processor, example: dict, edit=None, generates: bool = False) -> dict:
+    """The run's engine check on its first example (``headsteer.selfcheck``): identity, and where the
+    run generates under an edit, cached decoding == full forwards under it. Stops the run (one line)
+    on a failure."""
+    context = (lambda: _edit_context(model, processor, edit)) if generates and edit is not None else None
+    return check_example(model, processor, example, generation_context=context)
+
+
 def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_size: int = 16, mode: str = "closed",
              baseline="mean", top_heads=None, out_dir=None, progress=None, limit: int | None = None, force: bool = False,
-             data_spec: dict | None = None) -> list[dict]:
+             data_spec: dict | None = None, check: bool = True) -> list[dict]:
     """Per-example rows (index, qtype, prediction, correct/score, transfer metrics). With ``out_dir``
     rows are appended there as they finish and a rerun of the same identity (model, processor, data
     rows, edit, metrics ...: ``headsteer.rundir``) resumes; a folder of another identity is refused
-    unless ``force``. ``data_spec``: what else identifies the data (kept in run.json)."""
+    unless ``force``. ``data_spec``: what else identifies the data (kept in run.json). ``check``: the
+    engine's self-check on the first example before the main work (False: skipped, --no-self-check);
+    its figures go to run.json."""
     bad = set(metrics) - set(METRICS)
     if bad:
         raise HeadsteerError(f"unknown metric(s) {', '.join(sorted(bad))}: use {', '.join(METRICS)}")
@@ -61,9 +72,13 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     mine = list(range(rank, n, world))
     done = {}
     path = None
+    checked = dict(SKIPPED)
+    if check and n:
+        checked = self_check(model, processor, dataset[0], edit, generates=mode == "open" and "accuracy" in metrics)
     if out_dir is not None:
         ident, info = eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec)
         run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
+        record(run, "self_check", checked)
         path = run / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
         done = resume_rows(path)
     todo = [i for i in mine if i not in done]

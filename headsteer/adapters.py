@@ -19,6 +19,7 @@ from torch import nn
 from transformers import ProcessorMixin
 
 from .compat import apply_compat
+from .versions import warn_untested_transformers
 from .errors import HeadsteerError
 from .families import (
     ASK_MM_TOKEN_TYPES,
@@ -329,6 +330,7 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
             if cached.image_token_id < 0:
                 cached.image_token_id = _token_id(processor, CROSS_FAMILIES[cached.model_type].image_token)
         return cached
+    warn_untested_transformers()
     cfg = model.config
     mtype = getattr(cfg, "model_type", type(model).__name__)
     check_family(mtype, f" ({type(model).__name__})")

@@ -135,6 +135,9 @@ class FiniteFloat(click.ParamType):
         return f"FLOAT {lo}x{hi}" if lo or hi else "FLOAT"
 
 
+self_check_opt = click.option("--no-self-check", "no_self_check", is_flag=True,
+                              help="skip the engine's check on the first example (identity, fast == naive, cached "
+                                   "generation == full forwards): for those who know why")
 force_opt = click.option("--force", is_flag=True,
                          help="--out holds another run: delete that run's own files (nothing else) and start over")
 
@@ -259,3 +262,9 @@ def info(model, device, dtype, device_map):
     click.echo(f"heads       {ad.num_heads} query / {ad.num_kv_heads} KV per layer, head_dim {ad.head_dim}")
     click.echo(f"parameters  {sum(p.numel() for p in m.parameters()):,}")
     click.echo(f"image token id {ad.image_token_id}; prompt: {ad.prompt('{question}')!r}")
+    import transformers
+
+    from .versions import range_text, tested_range
+
+    spec = tested_range()
+    click.echo(f"transformers {transformers.__version__} (headsteer tested {range_text(spec) if spec else 'unknown: not installed as a package'})")

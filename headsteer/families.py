@@ -77,6 +77,11 @@ FAMILIES = {
     "llama4": "Llama 4 (MoE text model, chunked-attention and NoPE layers, QK L2 norm)",
 }
 
+# Model types that exist only from a transformers release on (headsteer's range also holds older ones): on an
+# older release they are neither supported nor refused here, since transformers cannot load them at all.
+SINCE = {"llava_onevision1_5": "5.25", "ovis2_5": "5.25", "pi05": "5.25"}
+
+
 @dataclass(frozen=True)
 class CrossFamily:
     """Where a cross-attention family keeps its cross-attention layers."""

@@ -233,6 +233,17 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
     return False
 
 
+def record(run: RunDir, key: str, value) -> None:
+    """Keep ``value`` under ``key`` in the folder's run.json, beside its identity (figures the run
+    measured about itself, e.g. its self-check: not part of the identity, so a resume replaces them)."""
+    def write():
+        rec = _read_record(run.path)
+        if rec is not None:
+            write_json(run.path / RUN_FILE, {**rec, key: value})
+
+    on_main_process(write)
+
+
 def open_run(path, identity: dict, *, force: bool = False, outputs=(), info: dict | None = None) -> RunDir:
     """Create, resume or refuse the run folder ``path`` for ``identity``. ``outputs``: the file
     (or sub-run folder) names this run may write there, relative to it — what ``force`` may
