@@ -1,19 +1,28 @@
-"""Head attribution: which heads carry image information into the answer."""
+"""Head attribution: which heads carry image information into the answer.
+
+    >>> import torch, headsteer
+    >>> from headsteer.ask import default_image
+    >>> from headsteer.attribution import ablated_logits
+    >>> model, processor = headsteer.load("default")
+    >>> masks = torch.rand(8, 4, 8) < 0.1                          # bool [M, layers, heads], True = ablated
+    >>> ablated_logits(model, processor, default_image(), "what shape is in the image?", masks).shape[0]
+    8
+
+Names are imported on first use (PEP 562): the CLI imports this package's command modules for
+`headsteer <command> --help`, which must not pay for torch and transformers (start-up time)."""
 from __future__ import annotations
 
-from headsteer.lazy import make_lazy
+import importlib
 
-# Names resolve on first use: the CLI imports this package's command modules for
-# `headsteer <command> --help`, which must not pay for torch and transformers.
-_LAZY = {
-    "report": None,
-    "SuffixRunner": "engine",
-    "ablated_logits": "engine",
-    "naive_logits": "engine",
-    "fit": "regression",
-    "sample_masks": "regression",
-    "statistic": "regression",
-}
+_NAMES = {"AblationRunner": "engine", "ablated_logits": "engine", "naive_logits": "engine", "fit": "regression",
+          "sample_masks": "regression", "statistic": "regression"}
 
-__all__ = ["ablated_logits", "naive_logits", "SuffixRunner", "fit", "sample_masks", "statistic", "report"]
-make_lazy(__name__, _LAZY)
+__all__ = list(_NAMES)
+
+
+def __getattr__(name):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'headsteer.attribution' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import force_opt, friendly, load_options, qtype_filter, self_check_opt
+from headsteer.cli_options import force_opt, friendly, load_options, qtype_filter, self_check_opt
 from headsteer.parallel import process_shard
 
 
@@ -82,7 +82,3 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
         click.echo(f"time: model loaded in {t_load:.1f} s; {done[0]} images {'attributed' if no_compare else '(attributed and held out)'} in {t_run:.1f} s "
                    f"({t_run / done[0]:.3f} s per image at {masks} masks)")
 
-
-from .flow_cli import flow  # noqa: E402
-
-commands = [attribute, flow]

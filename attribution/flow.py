@@ -14,7 +14,7 @@ import torch
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
 from headsteer.heads import HeadSet
-from headsteer.intervene import Knockout, intervene
+from headsteer.intervention import Knockout, intervene
 
 # (source keys, target queries): information of the source can no longer reach the target directly.
 EDGES = {

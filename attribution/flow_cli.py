@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import force_opt, friendly, load_options, qtype_filter, self_check_opt
+from headsteer.cli_options import force_opt, friendly, load_options, qtype_filter, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, write_json, write_text
 
@@ -108,5 +108,3 @@ def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads,
     click.echo(text)
     click.echo(f"wrote {out}/: run.json headsteer.log flow.json flow.png summary.md")
 
-
-commands = [flow]

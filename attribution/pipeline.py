@@ -17,7 +17,8 @@ from headsteer.parallel import process_shard
 from . import report
 from .curves import headline, k_grid, measure, random_rankings, summarize
 from .regression import fit_correlation
-from .run import Evaluator, Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution, self_check
+from .engine import AblationRunner
+from .run import Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution, self_check
 from .similarity import easy_vqa_labels, group_similarity
 
 
@@ -107,7 +108,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
         cands = answer_candidates(ad, dataset)
 
         def logits_of(i, masks):
-            return Evaluator(model, processor, held[i]["image"], held[i]["question"], base, fast=fast)(masks)
+            return AblationRunner(model, processor, base, fast=None if fast else False).prepare(held[i]["image"], held[i]["question"])(masks)
 
         raw = measure(held, rankings, grid, L, H, logits_of, lambda i: ad.answer_token_id(held[i]["answer"], held[i]["question"]),
                       settings.statistic, cands, progress)

@@ -13,13 +13,12 @@ import torch
 from headsteer.adapters import get_adapter
 from headsteer.baseline import as_baseline
 from headsteer.errors import HeadsteerError
-from headsteer.intervene import Recorder, intervene
 from headsteer.parallel import gather_rows, process_shard
 from headsteer.rows import resume_rows
 from headsteer.rundir import open_run, record, run_identity
 from headsteer.selfcheck import SKIPPED, check_example
 
-from .engine import SuffixRunner, check_fast_path, fast_path_refusal, naive_logits
+from .engine import AblationRunner
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 
@@ -92,34 +91,11 @@ def answer_candidates(ad, dataset) -> list[int]:
 log = logging.getLogger("headsteer")
 
 
-class Evaluator:
-    """Logits of one example under masks, by the fast path when the family has one (and ``fast``: a run
-    whose self-check found the fast path wrong passes False)."""
-
-    def __init__(self, model, processor, image, question, baseline, fast: bool = True):
-        self.model, self.processor, self.baseline = model, processor, baseline
-        self.ad = get_adapter(model, processor)
-        self.inputs = self.ad.encode([image], [question])
-        self.fast = fast and fast_path_refusal(self.ad, self.inputs["input_ids"]) is None
-        self.runner = SuffixRunner(model, processor, None, None, baseline, inputs=self.inputs) if self.fast else None
-
-    def __call__(self, masks, reduce=None):
-        if self.runner is not None:
-            return self.runner(masks, reduce)
-        return naive_logits(self.model, self.processor, self.inputs, masks, self.baseline, reduce)
-
-    @torch.no_grad()
-    def attention_to_image(self):
-        rec = Recorder(self.ad.num_layers, self.ad.num_heads)
-        with intervene(self.model, recorder=rec):
-            self.model(**self.inputs, logits_to_keep=1)
-        return rec.mean("last").float().numpy()
-
-
-def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, candidates=None) -> dict:
-    """One image: a regression per ablation rate (the masks of every rate share one uniform draw,
-    thresholded at each rate), single-head ablation and attention weights, all masks in one batch."""
-    ad = ev.ad
+def attribute_example(runner: AblationRunner, answer_id: int, s: Settings, seed: int, candidates=None) -> dict:
+    """One image (a prepared runner): a regression per ablation rate (the masks of every rate share one
+    uniform draw, thresholded at each rate), single-head ablation and attention weights, all masks in
+    one batch."""
+    ad = runner.ad
     L, H = ad.num_layers, ad.num_heads
     rates = s.rates
     per_rate = [sample_masks(s.masks, L, H, a, seed) for a in rates]
@@ -129,7 +105,7 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
         return torch.stack([statistic(logits, answer_id, s.statistic, candidates),
                             (logits.argmax(-1) == answer_id).float()], -1)
 
-    out = ev(torch.cat([none, *per_rate, single]), reduce)
+    out = runner(torch.cat([none, *per_rate, single]), reduce)
     stats, correct = out[:, 0], bool(out[0, 1])
     clean = float(stats[0])
     fits = {}
@@ -143,7 +119,7 @@ def attribute_example(ev: Evaluator, answer_id: int, s: Settings, seed: int, can
     if s.compare:
         st = stats[1 + len(rates) * s.masks :]
         row["single"] = (clean - st).view(L, H).numpy().round(6).tolist()
-        row["attention"] = ev.attention_to_image().round(6).tolist()
+        row["attention"] = runner.attention_to_image().round(6).tolist()
     return row
 
 
@@ -151,9 +127,14 @@ def self_check(model, processor, example: dict, baseline, settings: Settings) ->
     """The run's engine check on its first example (``headsteer.selfcheck``): identity, and fast ==
     naive where the fast path would run. ``fast`` in the result: whether the run may use the fast path
     (a failed fast check falls back to the naive path, with one line saying so)."""
-    check = check_example(model, processor, example, fast_check=lambda inputs: check_fast_path(
-        model, processor, inputs, baseline, settings.rates[0], seed=settings.seed))
-    fast = check.get("fast_vs_naive", {}).get("passed", True)
+    runner = AblationRunner(model, processor, baseline)
+
+    def fast_check(inputs):
+        runner.prepare(inputs=inputs)
+        return lambda floor: runner.check_fast_path(floor, settings.rates[0], seed=settings.seed)
+
+    check = check_example(model, processor, example, fast_check=fast_check)
+    fast = (check.get("fast_vs_naive") or {}).get("passed", True)
     if not fast:
         f = check["fast_vs_naive"]
         why = f.get("error") or f"max |diff| {f['max_abs_diff']:.3g} > tolerance {f['tolerance']:.3g}"
@@ -190,9 +171,10 @@ def run_attribution(model, processor, dataset, settings: Settings, out_dir, prog
     with open(rows_path, "a") as f:
         for i in todo:
             ex = dataset[i]
-            ev = Evaluator(model, processor, ex["image"], ex["question"], base, fast=check["fast"])
+            runner = AblationRunner(model, processor, base, fast=None if check["fast"] else False)
+            runner.prepare(ex["image"], ex["question"])
             answer_id = ad.answer_token_id(ex["answer"], ex["question"])
-            row = attribute_example(ev, answer_id, settings, settings.seed * 100003 + i, cands)
+            row = attribute_example(runner, answer_id, settings, settings.seed * 100003 + i, cands)
             row.update(index=i, question=ex["question"], answer=ex["answer"], qtype=ex.get("qtype"),
                        image_id=ex.get("image_id"))
             f.write(json.dumps(row) + "\n")

@@ -1,21 +1,28 @@
-"""Edit only the chosen heads: scale, image-attention scaling, steering, head-only LoRA; export."""
+"""Edit only the chosen heads: scale, image-attention scaling, steering, head-only LoRA; export.
+
+    >>> import headsteer
+    >>> from headsteer.edit import EditManifest, apply_edit
+    >>> model, processor = headsteer.load("default")
+    >>> edit = EditManifest("scale", "L2H0-3", {"factor": 0.0})
+    >>> with apply_edit(model, edit, processor):                 # exact restore on exit
+    ...     pass
+
+Names are imported on first use (PEP 562): the CLI imports this package's command modules for
+`headsteer <command> --help`, which must not pay for torch and transformers (start-up time)."""
 from __future__ import annotations
 
-from headsteer.lazy import make_lazy
+import importlib
 
-# Names resolve on first use: the CLI imports this package's command modules for
-# `headsteer <command> --help`, which must not pay for torch and transformers.
-_LAZY = {
-    "apply_edit": "apply",
-    "install_edit": "apply",
-    "remove_edit": "apply",
-    "spec_for": "apply",
-    "export": "export",
-    "load_edited": "export",
-    "EditManifest": "manifest",
-    "load_manifest": "manifest",
-    "provenance": "manifest",
-}
+_NAMES = {"apply_edit": "apply", "install_edit": "apply", "remove_edit": "apply", "spec_for": "apply", "export": "checkpoint",
+          "load_edited": "checkpoint", "EditManifest": "manifest", "load_manifest": "manifest", "provenance": "manifest",
+          "KINDS": "kinds"}
 
-__all__ = ["EditManifest", "load_manifest", "provenance", "apply_edit", "install_edit", "remove_edit", "spec_for", "export", "load_edited"]
-make_lazy(__name__, _LAZY)
+__all__ = list(_NAMES)
+
+
+def __getattr__(name):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'headsteer.edit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -3,41 +3,23 @@ installed until ``remove_edit``."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
-from headsteer.intervene import Spec, intervene
 
+from .kinds import kind_of
 from .manifest import EditManifest
 
 
-def spec_for(manifest: EditManifest, ad) -> Spec:
-    """The intervention Spec of a scale / attn / steer edit."""
-    L, H = ad.num_layers, ad.num_heads
-    mask = manifest.headset(ad).to_mask(L, H)
-    p = manifest.params
-    if manifest.kind == "scale":
-        s = torch.ones(L, H)
-        s[mask] = float(p.get("factor", 0.0))
-        return Spec(head_scale=s)
-    if manifest.kind == "attn":
-        f = torch.ones(L, H)
-        f[mask] = 1.0 + float(p.get("alpha", 0.0))
-        return Spec(image_attn=f)
-    if manifest.kind == "steer":
-        vec = manifest.tensor_data.get("vectors")
-        if vec is None:
-            raise HeadsteerError("steer edit has no vectors: build it with `headsteer edit steer` or steering_vectors()")
-        if tuple(vec.shape) != (L, H, ad.head_dim):
-            raise HeadsteerError(f"steering vectors have shape {tuple(vec.shape)}; this model needs [{L}, {H}, {ad.head_dim}]")
-        if not torch.isfinite(vec.float()).all():
-            raise HeadsteerError("the steering vectors hold NaN or infinite values: remake the edit with `headsteer edit steer`")
-        add = torch.zeros(L, H, ad.head_dim)
-        add[mask] = float(p.get("strength", 1.0)) * vec[mask].float()
-        return Spec(head_add=add)
-    raise HeadsteerError(f"{manifest.kind} edits are weight edits, not interventions")
+def spec_for(manifest: EditManifest, ad):
+    """The intervention Spec of an edit applied as one (scale, attn, steer); an error for a weight edit."""
+    spec = kind_of(manifest.kind).spec(manifest, ad)
+    if spec is None:
+        raise HeadsteerError(f"{manifest.kind} edits are weight edits, not interventions")
+    return spec
 
 
 def lora_deltas(manifest: EditManifest, model) -> dict[str, torch.Tensor]:
@@ -63,7 +45,8 @@ def lora_deltas(manifest: EditManifest, model) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _weights_added(model, deltas):
+def weights_added(model, deltas):
+    """The model with ``deltas`` (module name -> weight delta) added to those modules' weights; restored on exit."""
     mods = dict(model.named_modules())
     saved = {}
     try:
@@ -83,35 +66,40 @@ def _weights_added(model, deltas):
 def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_model: bool = False):
     """``with apply_edit(model, "edit.json"): model(...)`` — the model is exactly restored on exit.
     An edit made on other weights (its ``provenance.base_hash``) is refused unless
-    ``allow_other_model`` (or the manifest's own ``allow_other_model``)."""
+    ``allow_other_model``. The manifest you pass is not modified.
+
+    >>> import headsteer
+    >>> from headsteer.edit import EditManifest
+    >>> model, processor = headsteer.load("default")
+    >>> with apply_edit(model, EditManifest("scale", "L2H0-3", {"factor": 0.0}), processor):
+    ...     pass  # model(...) here runs with heads 0-3 of layer 2 silenced
+    """
     if not isinstance(manifest, EditManifest):
         manifest = EditManifest.load(manifest)
-    if allow_other_model:
-        manifest.allow_other_model = True
     manifest.validate()  # the schema again: fields may have been changed since it was made or read
     ad = get_adapter(model, processor)
     manifest.headset(ad)  # range check with a clear message
-    manifest.check_base(model)  # made on these weights (or allow_other_model)
+    manifest.check_base(model, allow_other_model=allow_other_model)  # made on these weights (or allowed)
     if manifest.baked:
         yield manifest
         return
-    if manifest.kind == "lora":
-        with _weights_added(model, lora_deltas(manifest, model)):
-            yield manifest
-    else:
-        with intervene(model, spec_for(manifest, ad)):
-            yield manifest
+    with kind_of(manifest.kind).applied(manifest, model, ad):
+        yield manifest
+
+
+# model -> the edits installed on it (install_edit), each an open context; weak, so it goes with the model
+_INSTALLED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def install_edit(model, manifest, processor=None, allow_other_model: bool = False):
     """Keep an edit active (e.g. for ``generate`` in user code) until ``remove_edit(model)``."""
     stack = contextlib.ExitStack()
     stack.enter_context(apply_edit(model, manifest, processor, allow_other_model))
-    model._headsteer_installed = getattr(model, "_headsteer_installed", []) + [stack]
+    _INSTALLED.setdefault(model, []).append(stack)
     return model
 
 
 def remove_edit(model):
-    for stack in reversed(getattr(model, "_headsteer_installed", [])):
+    """Undo every edit ``install_edit`` installed on ``model``, the last first."""
+    for stack in reversed(_INSTALLED.pop(model, [])):
         stack.close()
-    model._headsteer_installed = []

@@ -8,30 +8,23 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import FiniteFloat, friendly, load_options
+from headsteer.cli_options import friendly, load_options
 from headsteer.errors import HeadsteerError
 
+from .kinds import KINDS
 
-def resolve_heads(ad, heads, from_attribution, top_k, seed=0):
-    """--heads, --from-attribution DIR --top-k K (see ``headsteer.heads.select_heads``)."""
+
+def resolve_heads(ad, heads, from_attribution, top_k, seed=0, rate=None):
+    """--heads, --from-attribution DIR --top-k K [--rate R] (see ``headsteer.heads.select_heads``)."""
     from headsteer.heads import select_heads
 
-    ctx = click.get_current_context(silent=True)
-    rate = ctx.meta.get("headsteer.rate") if ctx is not None else None
     return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads, seed=seed, rate=rate)
-
-
-def _keep_rate(ctx, _param, value):
-    # kept in the context rather than passed through every command's signature
-    if value is not None:
-        ctx.meta["headsteer.rate"] = value
-    return value
 
 
 def heads_options(f):
     f = click.option("--heads", default=None, help="heads to edit, e.g. L2H0-3,L3H5, or random:K (K heads drawn with --seed)")(f)
     f = click.option("--from-attribution", default=None, help="an attribution run directory (headsteer attribute --out)")(f)
-    f = click.option("--rate", default=None, expose_value=False, callback=_keep_rate,
+    f = click.option("--rate", default=None,
                      help="with --from-attribution: the ranking of this ablation rate of a multi-rate run (--alpha "
                           "0.1,0.5,0.9), or keep-only / removal for the rate the run found best for it")(f)
     f = click.option("--top-k", default=4, show_default=True, type=click.IntRange(min=1),
@@ -67,15 +60,7 @@ def _check_out(out, force, extra=()):
                                  "--force; choose another --out") from None
 
 
-def _model_and_heads(model, heads, from_attribution, top_k, seed, device=None, dtype=None, device_map=None):
-    from headsteer import get_adapter, load
-
-    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
-    hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed)
-    return m, proc, hs, attrib
-
-
-def _write(model, proc, kind, heads, attrib, params, out, tensors=None):
+def _write(model, kind, heads, attrib, params, out, tensors=None):
     from .manifest import EditManifest, provenance
 
     prov = provenance(model, **({"attribution": attrib["run"], "top_k": attrib["top_k"],
@@ -96,109 +81,32 @@ def edit():
     """Make an edit manifest for the chosen heads."""
 
 
-@edit.command()
-@heads_options
-@click.option("--factor", type=FiniteFloat(), required=True, help="multiply the heads' outputs (0 = remove the heads, >1 amplify)")
-@friendly
-def scale(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, force, factor):
-    """Scale the heads' outputs (baked into o_proj columns on export)."""
-    _check_out(out, force)
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
-    _write(m, proc, "scale", hs, attrib, {"factor": factor}, out)
+def _kind_command(kind):
+    """``headsteer edit <kind>``: the heads options, the kind's own options, and one library call."""
+
+    def run(model, device, dtype, device_map, heads, from_attribution, rate, top_k, seed, out, force, **options):
+        from tqdm import tqdm
+
+        from headsteer import get_adapter, load
+
+        _check_out(out, force, kind.output_files(out))
+        m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+        hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed, rate)
+        with tqdm(total=options.get("steps"), desc=kind.name, unit="step", disable=options.get("steps") is None) as bar:
+            params, tensors = kind.make(m, proc, hs, out=out, seed=seed, progress=bar.update, **options)
+        _write(m, kind.name, hs, attrib, params, out, tensors)
+        if "final_loss" in params:
+            click.echo(f"PEFT adapter: {Path(out).parent / params['adapter_dir']}/  (final loss {params['final_loss']:.4f})")
+
+    run.__doc__ = kind.help
+    cmd = friendly(run)
+    for option in reversed(kind.options):
+        cmd = option(cmd)
+    return click.command(kind.name, help=kind.help)(heads_options(cmd))
 
 
-@edit.command()
-@heads_options
-@click.option("--alpha", type=FiniteFloat(low=-1.0), required=True,
-              help="attention probability on image tokens x (1 + alpha), renormalised; -1 removes it")
-@friendly
-def attn(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, force, alpha):
-    """Scale the heads' attention to image tokens (at inference, also during generation)."""
-    _check_out(out, force)
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
-    from headsteer import get_adapter
-
-    ad = get_adapter(m, proc)
-    if ad.cross_attention:  # refused now, not later when the edit is applied
-        raise HeadsteerError(f"{ad.model_type} reads the image through cross-attention, where every key is "
-                             "an image token: attention to the image cannot be scaled; use `edit scale` on these heads")
-    _write(m, proc, "attn", hs, attrib, {"alpha": alpha}, out)
-
-
-@edit.command()
-@heads_options
-@click.option("--data", default="easy-vqa:train", show_default=True, help="easy-vqa[:split] or a local VQA file/folder")
-@click.option("--contrast", "contrast", default="real-vs-blank", show_default=True,
-              help="real-vs-blank, or classes:A,B (answer A vs answer B)")
-@click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="examples per set")
-@click.option("--method", default="mean", type=click.Choice(["mean", "probe"]), show_default=True,
-              help="mean: difference of the sets' mean head outputs; probe: a logistic probe's direction")
-@click.option("--strength", default=1.0, show_default=True, type=FiniteFloat(),
-              help="multiple of the vector added to each head's output")
-@friendly
-def steer(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, force, data, contrast, n, method, strength):
-    """Add a data-derived vector to the heads' outputs."""
-    from headsteer.data import load_data
-
-    from .steer import class_sets, real_vs_blank_sets, steering_vectors
-
-    if contrast != "real-vs-blank" and not contrast.startswith("classes:"):
-        raise HeadsteerError(f"unknown --contrast {contrast!r}: use real-vs-blank or classes:A,B")
-    _check_out(out, force, [Path(out).parent / (Path(out).stem + ".tensors.safetensors")])
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
-    ds = load_data(data, limit=None if contrast.startswith("classes:") else n * 2)
-    if contrast == "real-vs-blank":
-        a, b = real_vs_blank_sets(m, proc, ds, n)
-    else:
-        ca, _, cb = contrast.split(":", 1)[1].partition(",")
-        a, b = class_sets(ds, ca, cb, n)
-    vec = steering_vectors(m, proc, a, b, method)
-    _write(m, proc, "steer", hs, attrib, {"strength": strength, "method": method, "contrast": contrast, "n": [len(a), len(b)]},
-           out, {"vectors": vec})
-
-
-@edit.command()
-@heads_options
-@click.option("--data", default="easy-vqa:train", show_default=True, help="easy-vqa[:split] or a local VQA file/folder")
-@click.option("--task", default=None, help="shift the data: contrast:C, noise:S or rename:old=new,...  [default: none]")
-@click.option("--steps", default=300, show_default=True, type=click.IntRange(min=1), help="optimiser steps")
-@click.option("--targets", default="q,o", show_default=True, help="projections to adapt, comma-separated: q, k, v, o")
-@click.option("--rank", default=4, show_default=True, type=click.IntRange(min=1), help="LoRA rank")
-@click.option("--lr", default=2e-3, show_default=True, type=FiniteFloat(low=0.0, low_open=True), help="learning rate (AdamW)")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="examples per step")
-@click.option("--limit", default=4000, show_default=True, type=click.IntRange(min=1), help="training examples to draw from")
-@friendly
-def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed, out, force, data, task, steps, targets, rank, lr,
-         batch_size, limit):
-    """Train a LoRA adapter restricted to the heads' q/k/v rows and o_proj columns."""
-    import shutil
-
-    from tqdm import tqdm
-
-    from headsteer.data import load_data
-
-    from .lora import train_head_lora
-    from .tasks import shifted
-
-    bad = set(targets.split(",")) - set("qkvo")
-    if bad:
-        raise HeadsteerError(f"--targets takes q, k, v, o (comma-separated); got {targets!r}")
-    adapter_dir = Path(Path(out).with_suffix("").as_posix() + "_adapter")
-    _check_out(out, force, [Path(out).parent / (Path(out).stem + ".tensors.safetensors"), adapter_dir])
-    if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").exists():
-        raise HeadsteerError(f"{adapter_dir} exists and is not a PEFT adapter headsteer wrote: move it or choose another --out")
-    m, proc, hs, attrib = _model_and_heads(model, heads, from_attribution, top_k, seed, device, dtype, device_map)
-    ds = shifted(load_data(data, limit=limit), task)
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    with tqdm(total=steps, desc="lora", unit="step") as bar:
-        tensors, params = train_head_lora(m, proc, hs, ds, steps=steps, targets=tuple(targets.split(",")), rank=rank, lr=lr,
-                                          batch_size=batch_size, seed=seed, adapter_dir=adapter_dir, progress=bar.update)
-    params["adapter_dir"] = adapter_dir.name  # relative to the manifest's folder (the only place it may be)
-    params["task"] = task
-    params["data"] = data
-    _write(m, proc, "lora", hs, attrib, params, out, tensors)
-    click.echo(f"PEFT adapter: {adapter_dir}/  (final loss {params['final_loss']:.4f})")
+for _kind in KINDS.values():
+    edit.add_command(_kind_command(_kind))
 
 
 @click.command("export")
@@ -212,14 +120,13 @@ def export_cmd(model, device, dtype, device_map, edit_path, out, force, allow_ot
     """Write the edited model as a Hugging Face checkpoint."""
     from headsteer import load
 
-    from .export import export
+    from .checkpoint import export
     from .manifest import EditManifest
 
     manifest = EditManifest.load(edit_path)  # a bad manifest fails before the model loads
-    manifest.allow_other_model = allow_other_model
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
-    r = export(m, proc, manifest, out, force=force)
-    how = "baked into the weights: loads in plain transformers" if r["baked"] else "saved with its manifest: load with headsteer.load_edited"
+    r = export(m, proc, manifest, out, force=force, allow_other_model=allow_other_model)
+    how = "baked into the weights: loads in plain transformers" if r["baked"] else "saved with its manifest: load with headsteer.edit.load_edited"
     click.echo(f"wrote {out}/: model.safetensors config.json processor files headsteer_edit.json ({how})")
 
 

@@ -1,8 +1,8 @@
 """An edit is data: a small JSON manifest (kind, heads, numbers, provenance) plus, for steering and
 LoRA, a tensor file beside it. Manifests round-trip: ``EditManifest.load(m.save(path)) == m``.
 
-One schema (``_SCHEMA`` and ``EditManifest.validate``) checks every manifest, made in Python or
-read from a file: field types, finite numbers in range, heads syntax (their range against a model
+One schema (each kind's parameters, ``edit/kinds.py``, and ``EditManifest.validate``) checks every
+manifest, made in Python or read from a file: field types, finite numbers in range, heads syntax (their range against a model
 when applied), and file names confined to the manifest's folder. ``provenance.base_hash`` is an
 exact fingerprint of the weights the edit was made on (``headsteer.fingerprint``); applying it to
 other weights is refused unless asked for (``check_base``)."""
@@ -23,19 +23,11 @@ from headsteer.files import save_safetensors, write_json
 from headsteer.fingerprint import weights_fingerprint
 from headsteer.heads import HeadSet
 
-KINDS = ("scale", "attn", "steer", "lora")
-WEIGHT_EXPRESSIBLE = {"scale", "lora"}  # steer too where o_proj can take a bias (see export)
+from .kinds import KINDS
+
 FIELDS = ("kind", "heads", "params", "provenance", "tensors", "baked")
 EXACT_HASH = "weights-sha256-v1"  # provenance.base_hash_kind of exact fingerprints (older manifests: sampled)
 
-# kind -> numeric parameter -> (lowest allowed value or None, what it means): every number must be finite
-_SCHEMA = {
-    "scale": {"factor": (None, "the heads' output multiplier")},
-    "attn": {"alpha": (-1.0, "image attention x (1 + alpha); -1 removes it")},
-    "steer": {"strength": (None, "multiple of the steering vector")},
-    "lora": {"scaling": (None, "LoRA scale"), "rank": (1, "LoRA rank")},
-}
-_PATH_PARAMS = ("adapter_dir",)  # params naming files, confined to the manifest's folder
 
 
 def _bad(where, msg):
@@ -96,15 +88,16 @@ class EditManifest:
             raise _bad(where, f"tensors must be the name of a file beside the manifest; got {self.tensors!r}")
         if not isinstance(self.baked, bool):
             raise _bad(where, f"baked must be true or false; got {self.baked!r}")
-        for name, (low, meaning) in _SCHEMA[self.kind].items():
-            if name not in self.params or (self.kind == "lora" and self.params[name] is None):
+        kind = KINDS[self.kind]
+        for name, (low, meaning) in kind.params.items():
+            if name not in self.params or (name in kind.nullable and self.params[name] is None):
                 continue
             v = self.params[name]
             if not _number(v) or not math.isfinite(v):
                 raise _bad(where, f"params.{name} ({meaning}) must be a finite number; got {v!r}")
             if low is not None and v < low:
                 raise _bad(where, f"params.{name} ({meaning}) must be >= {low}; got {v!r}")
-        for name in _PATH_PARAMS:
+        for name in kind.path_params:
             v = self.params.get(name)
             if v is not None and not isinstance(v, str):
                 raise _bad(where, f"params.{name} must be a folder name beside the manifest; got {v!r}")
@@ -157,7 +150,7 @@ class EditManifest:
         m.kind, m.heads, m.params, m.provenance = d["kind"], d["heads"], d.get("params", {}), d.get("provenance", {})
         m.tensors, m.baked, m._tensors, m.allow_other_model = d.get("tensors"), d.get("baked", False), None, False
         m.validate(str(path))
-        for name in _PATH_PARAMS:  # e.g. a LoRA's PEFT adapter: only beside the manifest
+        for name in KINDS[m.kind].path_params:  # e.g. a LoRA's PEFT adapter: only beside the manifest
             if m.params.get(name) is not None:
                 confined(path.parent, m.params[name], str(path), f"params.{name}")
         if m.tensors:
@@ -187,11 +180,12 @@ class EditManifest:
                 return p
             raise
 
-    def check_base(self, model) -> None:
+    def check_base(self, model, allow_other_model: bool = False) -> None:
         """Refuse weights other than those the edit was made on (``provenance.base_hash``), unless
-        ``allow_other_model``. Baked checkpoints carry the edit in their weights: nothing to check."""
+        ``allow_other_model`` (here or on the manifest). Baked checkpoints carry the edit in their
+        weights: nothing to check."""
         base = self.provenance.get("base_hash")
-        if not base or self.baked or self.allow_other_model:
+        if not base or self.baked or self.allow_other_model or allow_other_model:
             return
         exact = self.provenance.get("base_hash_kind") == EXACT_HASH
         p = next(model.parameters(), None)

@@ -1,22 +1,21 @@
-"""Evaluation: VQA accuracy and cross-modal transfer, before and after edits; comparisons."""
+"""Evaluation: VQA accuracy and cross-modal transfer, before and after edits; comparisons.
+
+Names are imported on first use (PEP 562): the CLI imports this package's command modules for
+`headsteer <command> --help`, which must not pay for torch and transformers (start-up time)."""
 from __future__ import annotations
 
-from headsteer.lazy import make_lazy
+import importlib
 
-# Names resolve on first use: the CLI imports this package's command modules for
-# `headsteer <command> --help`, which must not pay for torch and transformers.
-_LAZY = {
-    "bootstrap_ci": "accuracy",
-    "normalize_answer": "accuracy",
-    "soft_accuracy": "accuracy",
-    "load_benchmark": "benchmarks",
-    "load_pope": "benchmarks",
-    "load_vqa": "benchmarks",
-    "pope_metrics": "benchmarks",
-    "compare": "compare",
-    "evaluate": "run",
-    "summary": "run",
-}
+_NAMES = {"bootstrap_ci": "accuracy", "normalize_answer": "accuracy", "soft_accuracy": "accuracy", "load_benchmark": "benchmarks",
+          "load_pope": "benchmarks", "load_vqa": "benchmarks", "pope_metrics": "benchmarks", "compare": "comparison",
+          "evaluate": "run", "summary": "run"}
 
-__all__ = ["evaluate", "summary", "compare", "normalize_answer", "soft_accuracy", "bootstrap_ci", "load_benchmark", "load_pope", "load_vqa", "pope_metrics"]
-make_lazy(__name__, _LAZY)
+__all__ = list(_NAMES)
+
+
+def __getattr__(name):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'headsteer.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

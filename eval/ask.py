@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from headsteer.cli import friendly, load_options, self_check_opt
+from headsteer.cli_options import friendly, load_options, self_check_opt
 
 
 def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, device_map=None,
@@ -16,7 +16,7 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
     from headsteer.ask import default_image, top_answers
     from headsteer.data import check_question
     from headsteer.edit import apply_edit, load_manifest
-    from headsteer.load import load
+    from headsteer.loading import load
     from headsteer.selfcheck import check_example
 
     check_question(question)

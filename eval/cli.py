@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt, self_check_opt
+from headsteer.cli_options import device_opt, dtype_opt, force_opt, friendly, model_opt, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import write_json, write_text
 from headsteer.parallel import process_shard
@@ -182,8 +182,8 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
 
     from headsteer.edit import EditManifest
 
-    from .compare import compare as run_compare
-    from .compare import markdown
+    from .comparison import compare as run_compare
+    from .comparison import markdown
 
     # click gives an option one value: the manifests after the first arrive as arguments
     paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
@@ -206,5 +206,3 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     click.echo(f"wrote {out}/: run.json headsteer.log compare.md compare.csv compare.png report.html, and runs/ (each "
                "edit's evaluation)")
 
-
-commands = [eval_cmd, compare]

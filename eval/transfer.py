@@ -11,7 +11,7 @@ import torch
 from headsteer.adapters import get_adapter
 from headsteer.baseline import blank_image
 from headsteer.heads import HeadSet
-from headsteer.intervene import Recorder, intervene
+from headsteer.intervention import Recorder, intervene
 
 from .accuracy import candidate_token_ids, predict_closed, single_token_ids
 

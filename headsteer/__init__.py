@@ -1,31 +1,41 @@
 """headsteer: find the attention heads that carry image information into a VLM's answer, and
 edit only those heads.
 
-Names are resolved on first use (PEP 562), so that ``import headsteer`` — and with it the CLI's
-``--help`` — does not pay for torch and transformers until something needs them."""
+    >>> import headsteer
+    >>> model, processor = headsteer.load("default")          # the embedded easy-VQA LLaVA, or a local checkpoint
+    >>> str(headsteer.HeadSet.parse("L2H0-3,L3H5"))
+    'L2H0-3,L3H5'
+
+The public names below are imported on first use (PEP 562 ``__getattr__``): ``import headsteer`` — and
+with it ``headsteer --help`` — must not pay for torch and transformers (start-up time). Edits live in
+``headsteer.edit`` (``apply_edit``, ``export``, ``load_edited``), attribution in ``headsteer.attribution``
+(``ablated_logits``, ``AblationRunner``), evaluation in ``headsteer.eval``."""
 from __future__ import annotations
 
+import importlib
+
 from .errors import HeadsteerError
-from .lazy import make_lazy
-from .plugins import api
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "HeadSet": "heads", "load": "load", "default_model_path": "load", "Adapter": "adapters", "get_adapter": "adapters",
-    "supported_families": "families", "intervene": "intervene", "Spec": "intervene", "Knockout": "intervene",
-    "Recorder": "intervene",
+# public name -> the module that defines it
+_NAMES = {
+    "HeadSet": "heads", "load": "loading", "default_model_path": "loading", "Adapter": "adapters", "get_adapter": "adapters",
+    "supported_families": "families", "intervene": "intervention", "Spec": "intervention", "Knockout": "intervention",
+    "Recorder": "intervention",
 }
-_SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervene", "load", "toy"}  # import headsteer.X
+
+# submodules reachable as attributes (``headsteer.ask.default_image()``) without an import statement
+_SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervention", "loading", "selfcheck", "toy"}
+
+__all__ = ["HeadsteerError", *_NAMES]
 
 
-def load_edited(path, **kwargs):
-    """Load a checkpoint written by ``headsteer export``, re-applying edits not baked into its weights
-    (registered by headsteer.edit; see headsteer/plugins.py)."""
-    return api("load_edited")(path, **kwargs)
-
-
-__all__ = ["HeadsteerError", "load_edited", *_LAZY]
-
-
-make_lazy(__name__, {**{m: None for m in _SUBMODULES}, **_LAZY})  # a function keeps its module's name (load, intervene)
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name not in _NAMES:
+        raise AttributeError(f"module 'headsteer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -2,14 +2,15 @@
 and which sequence positions are image, question, role and last tokens.
 
 One generic adapter covers every family whose text backbone uses transformers' attention interface;
-families differ only in a few facts (positions, prompt format, processor calls), kept in the tables of
-headsteer/families.py.
-In the cross-attention families (``CROSS_FAMILIES``) the text has no image positions: the image
+families differ only in a few facts (positions, prompt format, processor calls), kept in each family's
+record (``headsteer.families.Family``), which the adapter holds as ``Adapter.family``.
+In the cross-attention families (``Family.cross``) the text has no image positions: the image
 reaches it only through cross-attention layers, and the heads headsteer ranks and edits are those
 layers' query heads (``Adapter.attention`` holds the cross-attention modules only).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -18,23 +19,9 @@ from PIL import Image
 from torch import nn
 from transformers import ProcessorMixin
 
-from .compat import apply_compat
-from .versions import warn_untested_transformers
 from .errors import HeadsteerError
-from .families import (
-    ASK_MM_TOKEN_TYPES,
-    BIDIRECTIONAL_OPENERS,
-    CROSS_FAMILIES,
-    MODEL_TURNS,
-    NESTED_IMAGES,
-    OWN_POSITIONS,
-    OWN_PROMPT_PROCESSORS,
-    POSITION_BASE,
-    PROCESSOR_PROMPTS,
-    QUESTION_ONLY_PROMPTS,
-    check_family,
-    supported_families,
-)
+from .families import Family, family, supported_families
+from .versions import warn_untested_transformers
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
 
@@ -66,6 +53,7 @@ class Adapter:
 
     model: nn.Module = field(repr=False)
     model_type: str
+    family: Family = field(repr=False)
     attention: list = field(repr=False)  # attention modules of the language model, in layer order
     num_heads: int
     num_kv_heads: int
@@ -79,15 +67,15 @@ class Adapter:
 
     @property
     def cross_attention(self) -> bool:
-        """True when the text reads the image only through cross-attention layers (``CROSS_FAMILIES``):
+        """True when the text reads the image only through cross-attention layers (``Family.cross``):
         ``attention`` holds those layers' modules, every key they read is an image token and every
         query a text position."""
         return self.gates is not None
 
     @property
     def own_positions(self) -> bool:
-        """True where the model's forward computes positions from the token layout (``OWN_POSITIONS``)."""
-        return self.model_type in OWN_POSITIONS
+        """True where the model's forward computes positions from the token layout (``Family.own_positions``)."""
+        return self.family.own_positions
 
     @property
     def num_layers(self) -> int:
@@ -126,7 +114,7 @@ class Adapter:
         computes its positions itself (multimodal RoPE)."""
         if self.own_positions:
             return None
-        start = POSITION_BASE.get(self.model_type, 0)
+        start = self.family.position_base
         return (attention_mask.long().cumsum(-1) - 1 + start).clamp(min=start)
 
     # -- positions ---------------------------------------------------------------------------
@@ -144,7 +132,7 @@ class Adapter:
         into); ``sees_image``: every real text position after the *first* image token — also the
         tokens between image tiles or between several images, which read the image too (head
         ablation acts on these queries), and the marker opening a bidirectional image block
-        (``BIDIRECTIONAL_OPENERS``); ``question``: those before the generation prompt; ``role``: the generation-prompt
+        (``Family.bidirectional_openers``); ``question``: those before the generation prompt; ``role``: the generation-prompt
         tokens (e.g. ``ASSISTANT`` ``:``) except the last token; ``last``: the final real token.
         ``object``/``background`` split the image tokens when ``object_patches`` (bool [B, n_img])
         is given.
@@ -186,9 +174,9 @@ class Adapter:
         return groups
 
     def _opener_mask(self, input_ids):
-        """bool [B, T]: the markers opening a bidirectional image block (``BIDIRECTIONAL_OPENERS``)."""
+        """bool [B, T]: the markers opening a bidirectional image block (``Family.bidirectional_openers``)."""
         cfg = self.model.config
-        ids = [getattr(cfg, a) for a in BIDIRECTIONAL_OPENERS.get(self.model_type, ()) if getattr(cfg, a, None) is not None]
+        ids = [getattr(cfg, a) for a in self.family.bidirectional_openers if getattr(cfg, a, None) is not None]
         return torch.isin(input_ids, torch.tensor(ids, dtype=input_ids.dtype, device=input_ids.device))
 
     def _special_mask(self, input_ids):
@@ -209,8 +197,9 @@ class Adapter:
         if not hasattr(self, "_n_role"):
             self._n_role = 1
             tok = getattr(self.processor, "tokenizer", None)
-            if tok is not None and self.model_type in MODEL_TURNS:  # its template ends with this turn, flag or not
-                self._n_role = max(1, len(tok(MODEL_TURNS[self.model_type], add_special_tokens=False).input_ids))
+            fam = self.family
+            if tok is not None and fam.model_turn is not None:  # its template ends with this turn, flag or not
+                self._n_role = max(1, len(tok(fam.model_turn, add_special_tokens=False).input_ids))
             elif tok is not None and getattr(self.processor, "chat_template", None):
                 try:
                     msgs = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
@@ -220,28 +209,25 @@ class Adapter:
                     self._n_role = max(1, n)
                 except Exception:
                     pass
-            elif tok is not None and self.model_type in PROCESSOR_PROMPTS:
-                self._n_role = max(1, len(tok(PROCESSOR_PROMPTS[self.model_type][1], add_special_tokens=False).input_ids))
+            elif tok is not None and fam.no_template_prompt[1]:
+                self._n_role = max(1, len(tok(fam.no_template_prompt[1], add_special_tokens=False).input_ids))
         return self._n_role
 
     # -- prompts -----------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
-        """The model's own prompt for one image and a question (chat template when it has one)."""
+        """The model's own prompt for one image and a question: the chat template when it has one,
+        else the family's own turns (``Family.no_template_prompt``); the question alone where the
+        processor places the image itself (``Family.question_only``)."""
         proc = self.processor
         if proc is None:
             raise HeadsteerError("this model was loaded without a processor; pass processor= to build prompts")
-        if self.model_type in QUESTION_ONLY_PROMPTS:
-            return question  # its processor puts the image tokens first and takes no chat template
+        if self.family.question_only:
+            return question
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        if self.model_type == "paligemma":
-            return question  # its processor prepends the image tokens and appends "\n"
-        tok = getattr(proc, "image_token", "<image>")
-        if self.model_type in PROCESSOR_PROMPTS:
-            turn, gen = PROCESSOR_PROMPTS[self.model_type]
-            return turn.format(image=tok, question=question) + gen
-        return f"{tok}\n{question}"
+        turn, gen = self.family.no_template_prompt
+        return turn.format(image=getattr(proc, "image_token", "<image>"), question=question) + gen
 
     def answer_token_id(self, answer: str, question: str = "what is in the image?") -> int:
         """Id of the answer's first token as the model would emit it right after the prompt."""
@@ -258,8 +244,8 @@ class Adapter:
         return full[len(base)]
 
     def processor_kwargs(self) -> dict:
-        """What the family's processor must be asked for besides images and text (``ASK_MM_TOKEN_TYPES``)."""
-        return {"return_mm_token_type_ids": True} if self.model_type in ASK_MM_TOKEN_TYPES else {}
+        """What the family's processor must be asked for besides images and text (``Family.ask_mm_token_types``)."""
+        return {"return_mm_token_type_ids": True} if self.family.ask_mm_token_types else {}
 
     def encode(self, images, questions, device=None):
         """Processor inputs for a batch of (image, question), left-padded so the last real token is at -1."""
@@ -274,9 +260,9 @@ class Adapter:
         tok.padding_side = "left"
         try:
             kw = self.processor_kwargs()
-            if self.model_type in NESTED_IMAGES:
+            if self.family.nested_images:
                 images = [[im] for im in images]
-            renames = OWN_PROMPT_PROCESSORS.get(self.model_type, {})
+            renames = self.family.own_prompt_outputs or {}
             call = partial(ProcessorMixin.__call__, proc) if renames else proc
             batch = call(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
             for ours, theirs in renames.items():
@@ -321,23 +307,40 @@ def _token_id(processor, token: str) -> int:
     return -1 if tid is None or tid == getattr(tok, "unk_token_id", None) else int(tid)
 
 
+# model -> its Adapter: a cache of facts found once per model (not state that changes what a model does);
+# weak, so it lives exactly as long as the model
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_adapter(model) -> Adapter | None:
+    """The adapter already made for ``model``, or None (never makes one)."""
+    try:
+        return _ADAPTERS.get(model)
+    except TypeError:  # not weak-referenceable: not a model
+        return None
+
+
 def get_adapter(model: nn.Module, processor=None) -> Adapter:
-    """The adapter of a loaded model (cached on the model object)."""
-    cached = getattr(model, "_headsteer_adapter", None)
+    """The adapter of a loaded model (made once per model; a processor given later is attached)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise HeadsteerError(f"expected a transformers vision-language model (an nn.Module with a config); got "
+                             f"{type(model).__name__}: load one with headsteer.load(...)")
+    cached = _ADAPTERS.get(model)
     if cached is not None:
         if processor is not None and cached.processor is None:
             cached.processor = processor
             if cached.image_token_id < 0:
-                cached.image_token_id = _token_id(processor, CROSS_FAMILIES[cached.model_type].image_token)
+                cached.image_token_id = _token_id(processor, cached.family.cross.image_token)
         return cached
     warn_untested_transformers()
     cfg = model.config
     mtype = getattr(cfg, "model_type", type(model).__name__)
-    check_family(mtype, f" ({type(model).__name__})")
-    apply_compat(model, mtype)
+    fam = family(mtype, f" ({type(model).__name__})")
+    for work_around in fam.compat:
+        work_around(model)
     lm = _language_model(model)
     gates = None
-    cross = CROSS_FAMILIES.get(mtype)
+    cross = fam.cross
     if cross is not None:
         blocks = [b for b in getattr(lm, cross.blocks, []) if isinstance(getattr(b, cross.module, None), nn.Module)]
         mods, gates = [getattr(b, cross.module) for b in blocks], [getattr(b, cross.gate) for b in blocks]
@@ -358,9 +361,9 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
     num_heads = tcfg.num_attention_heads
     head_dim = getattr(mods[0], "head_dim", None) or getattr(tcfg, "head_dim", None) or tcfg.hidden_size // num_heads
     num_kv = _kv_heads(mods[0], num_heads, head_dim) or getattr(tcfg, "num_key_value_heads", None) or num_heads
-    ad = Adapter(model=model, model_type=mtype, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
+    ad = Adapter(model=model, model_type=mtype, family=fam, attention=mods, num_heads=num_heads, num_kv_heads=num_kv,
                  head_dim=head_dim, image_token_id=int(image_token_id),
                  pad_token_id=getattr(tcfg, "pad_token_id", None), processor=processor,
                  video_token_id=None if video_token_id is None else int(video_token_id), language_model=lm, gates=gates)
-    model._headsteer_adapter = ad
+    _ADAPTERS[model] = ad
     return ad

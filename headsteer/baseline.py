@@ -22,7 +22,7 @@ from .data import easy_vqa_images
 from .errors import HeadsteerError
 from .files import save_safetensors
 from .fingerprint import config_fingerprint, processor_fingerprint, weights_fingerprint
-from .intervene import intervene, is_intervened
+from .intervention import intervene, is_intervened
 
 KINDS = ("mean", "blank", "zero")
 

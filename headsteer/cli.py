@@ -1,169 +1,61 @@
-"""``headsteer`` command line: each command is a few lines over one library function.
+"""``headsteer`` command line: the top layer. Each command is a few lines over one library function,
+in its subpackage's ``cli`` module; this group imports that module when the command is asked for.
 
-Start-up: ``headsteer --help`` lists the commands from ``COMMANDS`` below without importing them,
-and a command's module is imported only when that command runs (or shows its ``--help``); command
-modules import torch/transformers inside their functions for the same reason.
+Start-up: ``headsteer --help`` lists the commands from ``COMMANDS`` below without importing them, and a
+command's module is imported only when that command runs (or shows its ``--help``); command modules
+import torch/transformers inside their functions for the same reason.
 
 One error boundary (``_Group.main``): bad input ends in one line naming the fix and exit code 1
 (2 for usage errors), never a traceback unless ``--debug``."""
 from __future__ import annotations
 
-import functools
+import importlib
 import logging
 import os
 import sys
 
 import click
 
-from .errors import HeadsteerError
+from .cli_options import explain, friendly, load_options, one_line
 from .parallel import finish_processes
-from .plugins import registered
 
 log = logging.getLogger("headsteer")
 
-# name -> short help of the subpackages' commands (entry points, group ``headsteer.commands``):
-# the group listing reads this table instead of importing every command (tests/test_cli_speed.py
-# checks it against each command's own help).
+# name -> (module, attribute, short help) of the subpackages' commands: the group lists this table
+# instead of importing every command (tests/test_cli_speed.py checks it against each command's own help)
 COMMANDS = {
-    "attribute": "Rank heads by how much the answer depends on the image flowing through them (COAR).",
-    "flow": "Attention knockout between token groups, layer window by layer window.",
-    "edit": "Make an edit manifest for the chosen heads.",
-    "export": "Write the edited model as a Hugging Face checkpoint.",
-    "eval": "VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch).",
-    "compare": "Evaluate the unedited model and each edit on the same examples; table, plot, HTML report.",
-    "ask": "Answer one question about one image (and show an edit's effect).",
+    "attribute": ("headsteer.attribution.cli", "attribute",
+                  "Rank heads by how much the answer depends on the image flowing through them (COAR)."),
+    "flow": ("headsteer.attribution.flow_cli", "flow", "Attention knockout between token groups, layer window by layer window."),
+    "edit": ("headsteer.edit.cli", "edit", "Make an edit manifest for the chosen heads."),
+    "export": ("headsteer.edit.cli", "export_cmd", "Write the edited model as a Hugging Face checkpoint."),
+    "eval": ("headsteer.eval.cli", "eval_cmd",
+             "VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."),
+    "compare": ("headsteer.eval.cli", "compare",
+                "Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."),
+    "ask": ("headsteer.eval.ask", "ask_cmd", "Answer one question about one image (and show an edit's effect)."),
 }
 
 
-def debug_mode() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx is not None and ctx.find_root().params.get("debug"))
-
-
-def one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
-class UserError(click.ClickException):
-    """A one-line error (exit code 1)."""
-
-    def __init__(self, message):
-        super().__init__(one_line(message))
-
-
-def _explain(e: BaseException) -> str:
-    """One line for an exception a user can cause outside headsteer's own checks."""
-    if isinstance(e, HeadsteerError):
-        return str(e)
-    if isinstance(e, IsADirectoryError):
-        return f"{e.filename} is a folder, not a file: give a file path"
-    if isinstance(e, NotADirectoryError):
-        return f"{e.filename} (or a folder above it) is a file, not a folder: choose another path"
-    if isinstance(e, PermissionError):
-        return f"permission denied: {e.filename}; choose a path you can write (or read)"
-    if isinstance(e, FileNotFoundError):
-        return f"not found: {e.filename}"
-    if isinstance(e, OSError):
-        return f"{e.strerror or e}: {e.filename}" if e.filename else f"{e}"
-    return (f"unexpected {type(e).__name__}: {e} — rerun with `headsteer --debug ...` for the traceback and "
-            "report it if the input was valid")
-
-
-def friendly(fn):
-    """Bad input ends in one line naming the fix, not a traceback (the traceback with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except click.ClickException:
-            raise
-        except (HeadsteerError, OSError) as e:
-            if debug_mode():
-                raise
-            raise UserError(_explain(e)) from None
-
-    return wrapper
-
-
-def qtype_filter(qtype, data):
-    """Question types to keep: the object-identification (shape) questions of easy-VQA by default."""
-    if qtype is None:
-        qtype = "shape" if (data or "easy-vqa").startswith("easy-vqa") else "all"
-    return None if qtype == "all" else tuple(qtype.split(","))
-
-
-model_opt = click.option("--model", default="default", show_default=True, help="'default' (embedded easy-VQA LLaVA) or a local checkpoint directory")
-device_opt = click.option("--device", default=None, help="cpu, cuda, cuda:N or mps  [default: cpu]")
-dtype_opt = click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16", "auto"]),
-                         help="weights dtype  [default: as saved in the checkpoint]; attention arithmetic is fp32 whatever it is")
-device_map_opt = click.option("--device-map", default=None,
-                              help="'auto' spreads a model larger than one GPU over every GPU, then the CPU (accelerate)  [default: none]")
-
-
-def load_options(f):
-    """--model, --device, --dtype and --device-map: every command loads its model the same way."""
-    return model_opt(device_opt(dtype_opt(device_map_opt(f))))
-
-
-class FiniteFloat(click.ParamType):
-    """A finite number (no nan/inf), optionally within [low, high]."""
-
-    name = "float"
-
-    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False):
-        self.low, self.high, self.low_open = low, high, low_open
-
-    def convert(self, value, param, ctx):
-        import math
-
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
-            self.fail(f"{value} must be {'>' if self.low_open else '>='} {self.low}", param, ctx)
-        if self.high is not None and v > self.high:
-            self.fail(f"{value} must be <= {self.high}", param, ctx)
-        return v
-
-    def get_metavar(self, param, ctx=None):
-        lo = "" if self.low is None else f"{self.low}{'<' if self.low_open else '<='}"
-        hi = "" if self.high is None else f"<={self.high}"
-        return f"FLOAT {lo}x{hi}" if lo or hi else "FLOAT"
-
-
-self_check_opt = click.option("--no-self-check", "no_self_check", is_flag=True,
-                              help="skip the engine's check on the first example (identity, fast == naive, cached "
-                                   "generation == full forwards): for those who know why")
-force_opt = click.option("--force", is_flag=True,
-                         help="--out holds another run: delete that run's own files (nothing else) and start over")
-
-
 class _Group(click.Group):
-    """The subpackages' commands come from entry points (group ``headsteer.commands`` in
-    pyproject.toml): the core names no subpackage, and a command's module is imported only when
-    that command is asked for."""
+    """The subpackages' commands (``COMMANDS``), each imported only when asked for."""
 
     def list_commands(self, ctx):
-        return sorted(set(super().list_commands(ctx)) | set(registered("headsteer.commands")))
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
 
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
-        if cmd is None:
-            ep = registered("headsteer.commands").get(name)
-            if ep is not None:
-                cmd = ep.load()
-                self.add_command(cmd, name)
+        if cmd is None and name in COMMANDS:
+            module, attr, _ = COMMANDS[name]
+            cmd = getattr(importlib.import_module(module), attr)
+            self.add_command(cmd, name)
         return cmd
 
     def format_commands(self, ctx, formatter):
         rows = []
         for name in self.list_commands(ctx):
             if name in COMMANDS and name not in self.commands:
-                rows.append((name, COMMANDS[name]))
+                rows.append((name, COMMANDS[name][2]))
                 continue
             cmd = self.get_command(ctx, name)
             if cmd is not None and not cmd.hidden:
@@ -194,7 +86,7 @@ class _Group(click.Group):
         except Exception as e:
             if debug:
                 raise
-            click.echo(f"Error: {one_line(_explain(e))}", err=True)
+            click.echo(f"Error: {one_line(explain(e))}", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -1,20 +1,13 @@
-"""Work-arounds for bugs in the transformers releases headsteer supports, applied to one model object
-when its adapter is made (never to a model class: nothing here patches classes or ``forward``). Each
-one is applied only where the installed release has the bug, found by looking at that release's code,
-so a fixed release runs untouched."""
+"""Work-arounds for bugs in the transformers releases headsteer supports. A family's record names the
+ones its models need (``Family.compat``); each is applied to one model object when its adapter is made
+(never to a model class: nothing here patches classes or ``forward``), only where the installed release
+has the bug — found by looking at that release's code — so a fixed release runs untouched. Each is
+applied once per model (the adapter is made once per model)."""
 from __future__ import annotations
 
 import inspect
 
 from torch import nn
-
-_HOOKED = "_headsteer_image_outputs_hook"  # attribute of the language model: the hook's handle
-
-
-def apply_compat(model: nn.Module, model_type: str) -> None:
-    """Every work-around that ``model`` (of ``model_type``) needs; safe to call again."""
-    if model_type == "llama4" and reads_language_model_image_outputs(type(model)):
-        _llama4_image_outputs(model)
 
 
 def reads_language_model_image_outputs(cls) -> bool:
@@ -27,13 +20,13 @@ def reads_language_model_image_outputs(cls) -> bool:
         return True
 
 
-def _llama4_image_outputs(model: nn.Module) -> None:
-    # Every forward of the affected release raises AttributeError after the logits are computed. A
-    # forward hook on this model's language model gives that output the attribute (None: the composite
-    # model never passes the image features down anyway). ModelOutput.__setattr__ stores a name that is
-    # not a field as a plain attribute, so the output's keys and to_tuple() stay as they were.
+def llama4_image_outputs(model: nn.Module) -> None:
+    """Where the forward has the bug, every forward raises AttributeError after the logits are computed.
+    A forward hook on this model's language model gives that output the attribute (None: the composite
+    model never passes the image features down anyway). ModelOutput.__setattr__ stores a name that is
+    not a field as a plain attribute, so the output's keys and to_tuple() stay as they were."""
     lm = getattr(model, "language_model", None)
-    if lm is None or _HOOKED in lm.__dict__:
+    if lm is None or not reads_language_model_image_outputs(type(model)):
         return
 
     def hook(module, args, output):
@@ -41,4 +34,4 @@ def _llama4_image_outputs(model: nn.Module) -> None:
             output.image_outputs = None
         return output
 
-    lm.__dict__[_HOOKED] = lm.register_forward_hook(hook)
+    lm.register_forward_hook(hook)

@@ -68,8 +68,11 @@ class Prefix:
     (the prefix mask's columns are reordered with them), and with the image as a block the ablated
     rows read the prefix text as a slice, never a gathered copy."""
 
-    def __init__(self, cache: PrefixCache, image_positions: torch.Tensor):
+    def __init__(self, cache: PrefixCache, image_positions: torch.Tensor, fused: bool = True):
         self.cache = cache
+        # the runner's kernel choice: ``fused`` lets a flash kernel serve the prefix block where one does;
+        # a device whose kernel refused a block goes on with the fp32 blocks (``failed``)
+        self.fused, self.failed = fused, set()
         self.length = seen_tokens(cache)
         img = image_positions.bool().cpu()
         self.n_img = int(img.sum())
@@ -79,7 +82,6 @@ class Prefix:
         self._order_on: dict = {}
         self._kv = [None] * len(cache.layers)
         self._masks: dict = {}
-        self._rows = (None, None)
 
     def order_on(self, device):
         if device not in self._order_on:
@@ -122,37 +124,6 @@ class Prefix:
             self._masks[key] = (attention_mask, smask, pmask)
         return self._masks[key][1:]
 
-    def ablated_rows(self, ablate: torch.Tensor, M: int, Hkv: int, s: int, device):
-        """For one batch of M masks (bool [M|1, L, Hq] on the host): per layer and KV head, the score rows
-        (mask, query head in group, suffix position) whose head is ablated, first, padded with rows
-        that are not — ``rows`` int64 [L, Hkv, N] and ``valid`` bool [L, Hkv, N] on ``device``.
-
-        Worked out once per batch on the host (no device sync inside the layers) and sent to the
-        device once per batch, not once per layer."""
-        held, got = self._rows
-        if held is ablate and got[0] == (M, Hkv, s, str(device)):
-            return got[1]
-        key = ablate
-        ablate = ablate.expand(M, -1, -1)
-        _, L, Hq = ablate.shape
-        G = Hq // Hkv
-        mg = ablate.view(M, L, Hkv, G).permute(1, 2, 0, 3).reshape(L, Hkv, M * G)
-        counts = mg.sum(-1, keepdim=True)
-        # a stable partition in O(n): ablated (mask, group) pairs first, in order, then the others
-        pos = torch.where(mg, mg.cumsum(-1) - 1, counts + (~mg).cumsum(-1) - 1)
-        order = torch.empty_like(pos).scatter_(-1, pos, torch.arange(M * G).expand_as(pos))
-        n = max(1, int(counts.max()))
-        order, valid = order[..., :n], torch.arange(n) < counts
-        rows = (order[..., None] * s + torch.arange(s)).reshape(L, Hkv, n * s)
-        valid = valid[..., None].expand(L, Hkv, n, s).reshape(L, Hkv, n * s)
-        if torch.device(device).type == "cuda":
-            rows, valid = rows.pin_memory().to(device, non_blocking=True), valid.pin_memory().to(device, non_blocking=True)
-        else:
-            rows, valid = rows.to(device), valid.to(device)
-        self._rows = (key, ((M, Hkv, s, str(device)), (rows, valid)))
-        return rows, valid
-
-
 def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, attention_mask, scaling, kwargs):
     """Attention of suffix queries [M, Hq, s, d] over the shared prefix and their own suffix.
 
@@ -163,9 +134,8 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     baseline's image, the suffix — for those rows only, so the cost of ablation follows the ablation
     rate. Each block having its own row maximum keeps an ablated row exact also when the real
     image's scores dwarf everything else."""
-    for a in session.actives:
-        if a.knockouts or a.image_attn is not None:
-            raise HeadsteerError("the fast path evaluates head ablations only; use fast=False for knockouts or attention scaling")
+    if any(a.edits_attention for a in session.actives):
+        raise HeadsteerError("the fast path evaluates head ablations only; use fast=False for knockouts or attention scaling")
     M, Hq, s, d = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
@@ -182,21 +152,23 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
                             scaling, softcap, None if smask is None else smask[0], fused=False)
     suffix = (so.view(M, Hkv, G * s, d).transpose(0, 1).reshape(Hkv, -1, d),
               slse.view(M, Hkv, G * s, 1).transpose(0, 1).reshape(Hkv, -1, 1))
-    out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask))[0]
+    out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask, fused=pre.fused, failed=pre.failed))[0]
 
     abl = session.ablation()
-    if abl is not None and layer in abl.ablate_layers:
-        rows, valid = pre.ablated_rows(abl.ablate, M, Hkv, s, query.device)
+    if abl is not None and abl.acts_on(layer):
+        rows, valid = abl.fast_rows(M, Hkv, s, query.device)
         at = rows[layer][..., None]  # [Hkv, N, 1]
         atd = at.expand(-1, -1, d)
         q_abl = q_rows.gather(1, atd)
-        kb, vb = abl.baseline.image_kv(layer, pre.n_img, query.dtype, query.device)  # [Hkv, n, d]
+        kb, vb = abl.image_kv(layer, pre.n_img, query.dtype, query.device)  # [Hkv, n, d]
         # the same window hides the same positions: row r is suffix position r % s
         bias = None if pmask is None else pmask[at[..., 0] % s][:, None]  # [Hkv, 1, N, P]
         blocks = [(suffix[0].gather(1, atd), suffix[1].gather(1, at)),
-                  attend_block(q_abl, kb, vb, scaling, softcap, None if bias is None else bias[..., nr:])]
+                  attend_block(q_abl, kb, vb, scaling, softcap, None if bias is None else bias[..., nr:], fused=pre.fused,
+                               failed=pre.failed)]
         if nr:
-            blocks.append(attend_block(q_abl, pk[:, :nr], pv[:, :nr], scaling, softcap, None if bias is None else bias[..., :nr]))
+            blocks.append(attend_block(q_abl, pk[:, :nr], pv[:, :nr], scaling, softcap, None if bias is None else bias[..., :nr],
+                                       fused=pre.fused, failed=pre.failed))
         # padding rows (heads with fewer ablated rows than the most) keep their clean value
         out.scatter_(1, atd, torch.where(valid[layer][..., None], merge(*blocks)[0], out.gather(1, atd)))
     return out.to(query.dtype).view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d), None
@@ -222,26 +194,12 @@ def merge(*blocks):
 _FLASH = {dev: getattr(torch.ops.aten, name) for dev, name in (("cpu", "_scaled_dot_product_flash_attention_for_cpu"),
                                                                 ("cuda", "_scaled_dot_product_flash_attention"))
           if hasattr(torch.ops.aten, name)}
-USE_FLASH = True  # False: every block in the fp32 reference arithmetic (the benchmark compares both)
-_FAILED: set = set()  # devices whose fused kernel refused a block: they go on with the fp32 blocks
-
-
-@contextlib.contextmanager
-def fused_kernel(on: bool):
-    """The fast path with (the default) or without its fused kernel, for comparing the two."""
-    global USE_FLASH
-    old, USE_FLASH = USE_FLASH, on
-    try:
-        yield
-    finally:
-        USE_FLASH = old
 
 
 def flash_ok(q, k=None, v=None) -> bool:
     """Whether a fused kernel serves this block: on the CPU in any dtype; on CUDA in bf16/fp16 with a
     head size the kernel takes, on a card that has it (Ampere or newer). Inputs of one dtype."""
-    if not USE_FLASH or q.device.type not in _FLASH or str(q.device) in _FAILED \
-            or any(t is not None and t.dtype != q.dtype for t in (k, v)):
+    if q.device.type not in _FLASH or any(t is not None and t.dtype != q.dtype for t in (k, v)):
         return False
     if q.device.type == "cpu":
         return True
@@ -254,21 +212,23 @@ def _capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def attend_block(q, k, v, scaling, softcap=None, bias=None, fused=True):
+def attend_block(q, k, v, scaling, softcap=None, bias=None, fused=True, failed: set | None = None):
     """softmax(q k^T * scaling) v over one block of keys: q [H, R, d], k/v [H, n, d] in the model's
     dtype → (output [H, R, d], log-sum-exp fp32 [H, R, 1]). ``bias`` (additive, fp32) broadcasts to
     the scores viewed as [H, R/r, r, n] with r = bias.shape[-2]. ``fused=False``: always the fp32
-    arithmetic (the suffix block, a few keys per row).
+    arithmetic (the suffix block, a few keys per row; a runner without the fused kernel). ``failed``: the
+    devices whose kernel refused a block (they go on with the fp32 blocks; a refusal is added to it).
 
     Precision policy: scores, softmax and sums in fp32 on bf16/fp16 inputs. A fused kernel (flash
     attention) serves blocks without bias or softcap — it also rounds the probabilities to the input
     dtype for the product with V, as the model's own SDPA forward does; the rest run here in fp32."""
-    if fused and softcap is None and bias is None and flash_ok(q, k, v):
+    failed = set() if failed is None else failed
+    if fused and softcap is None and bias is None and str(q.device) not in failed and flash_ok(q, k, v):
         try:
             out, lse = _FLASH[q.device.type](q[None], k.contiguous()[None], v.contiguous()[None], scale=scaling)[:2]
             return out[0], lse[0, :, : q.shape[1], None]  # a kernel may pad its log-sum-exp rows
         except RuntimeError as e:  # a card or build whose kernel does not take this block: same results, slower
-            _FAILED.add(str(q.device))
+            failed.add(str(q.device))
             warnings.warn(f"the fused attention kernel failed on {q.device} ({str(e).splitlines()[0][:200]}); "
                           "the fast path goes on with its fp32 blocks (same results, slower)", stacklevel=2)
     # Scaled after the matmul: bf16/fp16 inputs are exact in TF32 (see tf32_for), scaled ones not;

@@ -29,6 +29,15 @@ def _index(v) -> int:
 
 @dataclass(frozen=True)
 class HeadSet:
+    """A set of attention heads, (layer, head) pairs: an immutable value with a text form that round-trips.
+
+    >>> hs = HeadSet.parse("L2H0-3,L3H5")
+    >>> str(hs), len(hs), (2, 1) in hs
+    ('L2H0-3,L3H5', 5, True)
+    >>> str(hs - HeadSet.parse("L2H1-3"))
+    'L2H0,L3H5'
+    """
+
     heads: frozenset  # of (layer, head) int pairs
     all_heads: bool = False  # "*" before a shape is known
 

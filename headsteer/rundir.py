@@ -20,7 +20,7 @@ from .data import data_origin
 from .errors import HeadsteerError
 from .files import write_json
 from .fingerprint import config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint, weights_fingerprint
-from .intervene import is_intervened
+from .intervention import installed_labels
 from .parallel import on_main_process
 
 RUN_FILE = "run.json"
@@ -51,14 +51,15 @@ def run_identity(command: str, model=None, processor=None, dataset=None, n: int 
     info = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if model is not None:
         # an open intervention context changes the numbers in a way no fingerprint sees; an edit
-        # installed by load_edited is recorded as installed_edit
-        if is_intervened(model) and getattr(model, "_headsteer_edit", None) is None:
+        # installed by load_edited (or install_edit) is labelled with its fingerprint: recorded as installed_edit
+        labels = installed_labels(model)
+        if any(label is None for label in labels):
             raise HeadsteerError("an intervention or edit is active on the model, which a run folder cannot record: "
                                  "pass the edit as edit=..., or run without an output folder")
         p = next(model.parameters(), None)
         ident.update(weights=weights_fingerprint(model), config=config_fingerprint(model),
                      dtype=str(p.dtype).replace("torch.", "") if p is not None else None,
-                     installed_edit=edit_fingerprint(getattr(model, "_headsteer_edit", None)))
+                     installed_edit=(labels[0] if len(labels) == 1 else labels) if labels else None)
         info["model"] = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
     if model is not None or processor is not None:
         ident["processor"] = processor_fingerprint(processor)

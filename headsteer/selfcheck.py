@@ -32,7 +32,7 @@ import transformers
 
 from .adapters import get_adapter
 from .errors import HeadsteerError
-from .intervene import intervene
+from .intervention import intervene
 
 SKIPPED = {"skipped": "--no-self-check"}
 
@@ -144,8 +144,9 @@ def run_checks(model, processor, inputs, *, generation_context=None, fast_check=
     if not out["identity"]["passed"]:
         raise failure("the empty intervention is not identical to the model's own forward", ad, out["identity"])
     floor = out["identity"]["floor"]
-    if fast_check is not None:
-        out["fast_vs_naive"] = fast_check(floor)
+    fast = fast_check(floor) if fast_check is not None else None
+    if fast is not None:  # None: the run takes the naive path anyway
+        out["fast_vs_naive"] = fast
     if generation_context is not None:
         pad = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None)
         out["generation"] = check_generation(model, inputs, generation_context, floor, pad_token_id=pad)

@@ -25,10 +25,10 @@ import headsteer
 from headsteer import fastpath
 from headsteer.adapters import get_adapter
 from headsteer.ask import default_image
-from headsteer.attribution.engine import SuffixRunner, naive_logits
+from headsteer.attribution.engine import AblationRunner, naive_logits
 from headsteer.attribution.regression import sample_masks, statistic
 from headsteer.baseline import ZeroBaseline, make_baseline
-from headsteer.intervene import intervene
+from headsteer.intervention import intervene
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -113,8 +113,8 @@ def main():
         base = make_baseline(model, proc, kind) if kind != "zero" else ZeroBaseline(ad.num_kv_heads, ad.head_dim)
     masks = sample_masks(args.masks, ad.num_layers, ad.num_heads, 0.1, seed=0)
     T = inputs["input_ids"].shape[1]
-    runner = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=args.chunk)
-    P, s = runner.P, T - runner.P
+    runner = AblationRunner(model, None, base, fast=True, chunk=args.chunk).prepare(inputs=inputs)
+    P, s = runner.prefix_length, T - runner.prefix_length
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t_naive = timed(lambda: naive_logits(model, None, inputs, masks[: args.naive_masks], base), dev) / args.naive_masks
@@ -129,8 +129,8 @@ def main():
 
     def plain():
         with torch.no_grad():
-            for i in range(0, args.masks, runner.chunk):
-                model(input_ids=runner.suffix.expand(min(runner.chunk, args.masks - i), -1), logits_to_keep=1)
+            for i in range(0, args.masks, runner.batch_size):
+                model(input_ids=runner.suffix_ids.expand(min(runner.batch_size, args.masks - i), -1), logits_to_keep=1)
 
     t_plain = timed(plain, dev) / args.masks
     if dev.startswith("cuda"):
@@ -142,16 +142,17 @@ def main():
         return statistic(lg, answer, "margin", list(range(16)))
 
     t_stat = timed(lambda: runner(masks, stat), dev) / args.masks
-    with fastpath.fused_kernel(False):  # the same engine with every attention block in headsteer's own fp32 arithmetic
-        t_unfused = timed(lambda: runner(masks, stat), dev) / args.masks
+    # the same engine with every attention block in headsteer's own fp32 arithmetic
+    unfused = AblationRunner(model, None, base, fast=True, chunk=args.chunk, fused=False).prepare(inputs=inputs)
+    t_unfused = timed(lambda: unfused(masks, stat), dev) / args.masks
     probe = torch.zeros(1, 1, ad.head_dim, device=dev, dtype=dtype)
     kernel = "flash attention" if fastpath.flash_ok(probe) else "none for this device/dtype: fp32 blocks"
     print(f"model: {name}; {ad.num_layers} layers x {ad.num_heads} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; "
           f"prompt {T} tokens = prefix {P} (up to the last image token) + suffix {s}")
     print(f"naive:        {1 / t_naive:10.1f} masks/s  (full forward per mask, {args.naive_masks} masks timed)")
     print(f"peer:         {1 / t_peer:10.1f} masks/s  (batched full forward with the same ablation, batch {args.peer_batch})")
-    print(f"plain suffix: {1 / t_plain:10.1f} masks/s  (the model's own forward of the {s} suffix tokens, no prefix, batch {runner.chunk})")
-    print(f"fast:         {1 / t_fast:10.1f} masks/s  ({args.masks} masks, chunk {runner.chunk}, prefix computed once; "
+    print(f"plain suffix: {1 / t_plain:10.1f} masks/s  (the model's own forward of the {s} suffix tokens, no prefix, batch {runner.batch_size})")
+    print(f"fast:         {1 / t_fast:10.1f} masks/s  ({args.masks} masks, chunk {runner.batch_size}, prefix computed once; "
           f"every vocabulary logit to the host)")
     print(f"fast, as attribute runs it: {1 / t_stat:10.1f} masks/s  (the statistic computed on the device; "
           f"fused kernel for the prefix blocks: {kernel})")
@@ -167,12 +168,12 @@ def main():
         print(f"peak GPU memory (fast path): {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB; "
               f"GPU: {torch.cuda.get_device_name()}")
     if args.profile:
-        profile(runner, masks[: runner.chunk], dev, stat)
+        profile(runner, masks[: runner.batch_size], dev, stat)
     if args.compile:
         t0 = time.perf_counter()
         n = compile_dense(ad)
         plain()
-        runner(masks[: runner.chunk])
+        runner(masks[: runner.batch_size])
         sync(dev)
         t_compile = time.perf_counter() - t0
         t_plain_c = timed(plain, dev) / args.masks

@@ -4,7 +4,6 @@ model shared by every case (headsteer.load is cached here), so the table stays f
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,8 @@ import torch
 from click.testing import CliRunner
 
 import headsteer
-import headsteer.load  # noqa: F401  (the module; headsteer.load is the function)
+import headsteer.loading as load_module
 from headsteer.cli import main
-
-load_module = sys.modules["headsteer.load"]
 
 NO_CUDA = not torch.cuda.is_available()
 

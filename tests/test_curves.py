@@ -39,7 +39,7 @@ def planted_logits(masks, image_scale=1.0, jitter=None):
     return logits
 
 
-class StubEvaluator:
+class StubRunner:
     def __init__(self, image_scale=1.0):
         self.ad = types.SimpleNamespace(num_layers=L, num_heads=H)
         self.scale = image_scale
@@ -58,7 +58,7 @@ def planted_rows(alphas, n=4):
     s = Settings(n_images=n, masks=300, alpha=alphas, statistic="margin")
     rows = []
     for i in range(n):
-        row = attribute_example(StubEvaluator(1.0 + 0.1 * i), ANSWER, s, seed=i, candidates=[ANSWER, OTHER])
+        row = attribute_example(StubRunner(1.0 + 0.1 * i), ANSWER, s, seed=i, candidates=[ANSWER, OTHER])
         row["answer"] = "x"
         rows.append(row)
     return s, rows
@@ -182,9 +182,9 @@ def test_curves_on_the_default_model_equal_naive_forwards(default_model):
     rankings = {"r0": random_rankings(4, 8, 1, seed=5)[0], "r1": random_rankings(4, 8, 1, seed=6)[0]}
     grid = [0, 1, 2, 5]  # k_max 5: clean and all-ablated masks still come from k = 0
     cands = sorted({ad.answer_token_id(a) for a in ("circle", "rectangle", "triangle")})
-    from headsteer.attribution.run import Evaluator
+    from headsteer.attribution import AblationRunner
 
-    raw = measure(exs, rankings, grid, 4, 8, lambda i, m: Evaluator(model, proc, exs[i]["image"], exs[i]["question"], base)(m),
+    raw = measure(exs, rankings, grid, 4, 8, lambda i, m: AblationRunner(model, proc, base).prepare(exs[i]["image"], exs[i]["question"])(m),
                   lambda i: ad.answer_token_id(exs[i]["answer"]), "margin", cands)
     res = summarize(raw, list(rankings), grid, n_boot=100)
     from headsteer.attribution.regression import statistic

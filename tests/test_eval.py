@@ -15,7 +15,7 @@ from headsteer.cli import main
 from headsteer.data import load_easy_vqa
 from headsteer.edit import EditManifest
 from headsteer.eval import bootstrap_ci, evaluate, load_pope, normalize_answer, pope_metrics, soft_accuracy, summary
-from headsteer.eval.compare import compare
+from headsteer.eval.comparison import compare
 
 
 def test_answer_normalisation_and_soft_accuracy():
@@ -148,7 +148,7 @@ def test_two_process_attribution_gives_the_same_scores(tmp_path):
 def test_html_report_is_readable():
     """The report scrolls its table in a box, shows small p-values as < 0.001, lists settings as a
     table (not raw JSON) and explains its columns."""
-    from headsteer.eval.compare import html_report
+    from headsteer.eval.comparison import html_report
 
     rows = [{"edit": "unedited", "n": 10, "accuracy": 0.9, "p_accuracy": float("nan")},
             {"edit": "a", "n": 10, "accuracy": 0.8, "p_accuracy": 1e-5}]

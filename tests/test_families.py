@@ -12,10 +12,10 @@ from packaging.version import Version
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
 from headsteer import HeadsteerError, get_adapter, intervene
-from headsteer.families import CROSS_FAMILIES, FAMILIES, REFUSED, SINCE
-from headsteer.attribution.engine import SuffixRunner, naive_logits
+from headsteer.families import FAMILIES, REFUSED, families_markdown, since
+from headsteer.attribution.engine import AblationRunner, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
-from headsteer.compat import apply_compat, reads_language_model_image_outputs
+from headsteer.compat import reads_language_model_image_outputs
 from test_fastpath import assert_fast_equals_naive
 from test_intervene import last_logits, mean_like_baseline
 from tiny_models import BUILDERS, HYBRID, IMG, VOCAB, _ids, _unlimited_ocr, alone_row, other_pixels, tiny
@@ -138,7 +138,7 @@ def test_llama4_chunked_layer_ablation_reads_only_the_chunk():
     for ordinals, moves in (([0, 1, 2], False), ([3], True)):
         base = replaced(ordinals)
         naive = naive_logits(model, None, inputs, masks, base)
-        fast = SuffixRunner(model, None, None, None, base, inputs=inputs)(masks)
+        fast = AblationRunner(model, None, base, fast=True).prepare(inputs=inputs)(masks)
         torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
         assert ((naive - ref).abs().max() > 1e-4) == moves
 
@@ -153,7 +153,7 @@ def test_llama4_work_around_only_where_needed_added_once_and_keeps_the_output():
     model, inputs = tiny("llama4", batch=1)
     fresh = type(model)(model.config).eval()  # no adapter yet
     needed = reads_language_model_image_outputs(Llama4ForConditionalGeneration)
-    apply_compat(fresh, "llama4")
+    get_adapter(fresh)
     get_adapter(fresh)
     assert len(fresh.language_model._forward_hooks) == int(needed)
     with torch.no_grad():
@@ -179,22 +179,28 @@ def test_llama4_bug_detection_reads_the_forward():
 
 
 def test_every_image_text_to_text_type_is_supported_tested_or_refused_with_a_reason():
-    here = set(MAPPING)  # the installed transformers' types; a newer one (SINCE) is absent from an older release
-    assert set(FAMILIES) & here == set(BUILDERS)  # every supported family has a tiny model and runs the invariants
+    here = set(MAPPING)  # the installed transformers' types; a newer one (``since``) is absent from an older release
+    plain = {t for t, f in FAMILIES.items() if f.cross is None}
+    assert plain & here == set(BUILDERS)  # every supported family has a tiny model and runs the invariants
     assert not set(FAMILIES) & set(REFUSED)
-    assert (set(FAMILIES) | set(REFUSED)) - here <= set(SINCE), "a registry type transformers does not know: a typo?"
-    assert all(t not in here for t, v in SINCE.items() if Version(tf.__version__) < Version(v))
+    newer = {t for t in set(FAMILIES) | set(REFUSED) if since(t) is not None}
+    assert (set(FAMILIES) | set(REFUSED)) - here <= newer, "a registry type transformers does not know: a typo?"
+    assert all(t not in here for t in newer if Version(tf.__version__) < Version(since(t)))
 
 
-def test_readme_supported_models_lists_every_family_and_the_counts():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_readme_states_the_count_and_docs_families_is_current():
+    """The README's count line matches the registry, and docs/families.md is the registry's own
+    rendering (regenerate it with `python -m headsteer.families > docs/families.md`)."""
+    root = Path(__file__).parent.parent
+    readme = root.joinpath("README.md").read_text()
     section = readme.split("## Supported models", 1)[1].split("\n## ", 1)[0]
     n, total, version = re.match(r"\s*(\d+) of the (\d+) image-text-to-text model types of transformers ([\d.]+)", section).groups()
-    assert int(n) == len(FAMILIES) + len(CROSS_FAMILIES)
+    assert int(n) == len(FAMILIES)
     if tf.__version__.startswith(version + "."):  # the count is the README's release's
         assert int(total) == len(MAPPING)
-    named = set(re.findall(r"`([a-z0-9_.-]+)`", section))  # kosmos-2.5 has a dot
-    assert set(FAMILIES) | set(CROSS_FAMILIES) | set(REFUSED) <= named
+    assert root.joinpath("docs", "families.md").read_text() == families_markdown(), "regenerate docs/families.md"
+    named = set(re.findall(r"`([a-z0-9_.-]+)`", families_markdown()))  # kosmos-2.5 has a dot
+    assert set(FAMILIES) | set(REFUSED) <= named
 
 
 @pytest.mark.parametrize("mtype, why", [("chameleon", "VQ codes"), ("blip", "cross-attention"), ("florence2", "encoder-decoder"),

@@ -72,8 +72,7 @@ def test_precision_contract_on_cuda(default_model):
     inputs = get_adapter(model, proc).encode([default_image()], ["what shape is in the image?"])
     import copy
 
-    m = copy.deepcopy(model).cuda()
-    m.__dict__.pop("_headsteer_adapter", None)
+    m = copy.deepcopy(model).cuda()  # a model of its own: its adapter is made anew
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
     for dtype in (torch.bfloat16, torch.float16):
         check_contract(m, inputs, dtype)

@@ -48,8 +48,29 @@ def test_imports_respect_the_layers(pkg, path):
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-def test_every_subpackage_command_is_registered():
-    import tomllib
+def test_the_cli_table_names_each_command_where_it_is():
+    """The CLI (the top layer) imports each command from its subpackage by this table: no entry points,
+    no registry in between; every module and attribute it names exists."""
+    import importlib
 
-    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["headsteer.commands"]
-    assert {"attribute", "flow", "edit", "export", "eval", "compare", "ask"} <= set(eps)
+    from headsteer.cli import COMMANDS
+
+    assert {"attribute", "flow", "edit", "export", "eval", "compare", "ask"} <= set(COMMANDS)
+    for name, (module, attr, _) in COMMANDS.items():
+        assert module.split(".")[1] in SUB and hasattr(importlib.import_module(module), attr), name
+
+
+def test_no_model_type_outside_the_family_records():
+    """A family is one record (headsteer/families.py): no model-type string appears anywhere else in
+    the package's code (docs and tests aside)."""
+    from headsteer.families import FAMILIES, REFUSED
+
+    types = set(FAMILIES) | set(REFUSED)
+    found = []
+    for pkg, path in _modules():
+        if path.name == "families.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in types:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert not found, found

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from headsteer import Spec, get_adapter, intervene
-from headsteer.attribution.engine import SuffixRunner
+from headsteer.attribution.engine import AblationRunner
 from headsteer.baseline import ZeroBaseline
 from test_intervene import last_logits, mean_like_baseline
 from tiny_models import tiny
@@ -13,7 +13,7 @@ from tiny_models import tiny
 def _clean(model):
     impl = model.config.get_text_config()._attn_implementation
     assert not impl.startswith("headsteer_"), impl
-    assert not hasattr(model, "_headsteer_state")
+    assert not any(k.startswith("_headsteer") for m in model.modules() for k in m.__dict__)  # nothing left on any module
     assert all(not m._forward_pre_hooks for m in model.modules())
     assert not any(hasattr(m, "_headsteer") for m in model.modules())
 
@@ -66,7 +66,7 @@ def test_fast_path_inside_an_outer_context_leaves_no_prefix_behind():
     masks = torch.zeros(3, ad.num_layers, ad.num_heads, dtype=torch.bool)
     masks[1, 0] = True
     with intervene(model, Spec()):
-        SuffixRunner(model, None, None, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), inputs=inputs)(masks)
+        AblationRunner(model, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), fast=True).prepare(inputs=inputs)(masks)
         after = last_logits(model, inputs)
     torch.testing.assert_close(after, ref, atol=1e-6, rtol=0)
     _clean(model)
@@ -82,7 +82,7 @@ def test_fast_path_under_an_outer_edit_sees_the_edit():
     masks = torch.rand(4, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
     base = mean_like_baseline(model, inputs)
     with intervene(model, head_scale=scale):
-        fast = SuffixRunner(model, None, None, None, base, inputs=inputs)(masks)
+        fast = AblationRunner(model, None, base, fast=True).prepare(inputs=inputs)(masks)
         naive = naive_logits(model, None, inputs, masks, base)
     torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
     _clean(model)
@@ -101,6 +101,6 @@ def test_two_models_do_not_share_state():
 def test_engine_returns_cpu_float():
     model, inputs = tiny("llava", batch=1)
     ad = get_adapter(model)
-    out = SuffixRunner(model, None, None, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), inputs=inputs)(
+    out = AblationRunner(model, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), fast=True).prepare(inputs=inputs)(
         torch.zeros(2, ad.num_layers, ad.num_heads, dtype=torch.bool))
     assert out.device.type == "cpu" and out.dtype == torch.float32

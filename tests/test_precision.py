@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from headsteer import fastpath, get_adapter
-from headsteer.attribution.engine import SuffixRunner, naive_logits
+from headsteer.attribution.engine import AblationRunner, naive_logits
 from test_intervene import mean_like_baseline
 from tiny_models import tiny
 
@@ -70,10 +70,7 @@ def reference_logits(model, inputs, masks, base):
 
 
 def low_precision(model, inputs, dtype):
-    m = copy.deepcopy(model).to(dtype)
-    for attr in ("_headsteer_adapter",):
-        if hasattr(m, attr):
-            delattr(m, attr)
+    m = copy.deepcopy(model).to(dtype)  # a model of its own: its adapter is made anew
     return m, {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
@@ -88,9 +85,8 @@ def check_contract(model, inputs, dtype, n_masks=6):
     lp, lp_inputs = low_precision(model, inputs, dtype)
     ref_err = (reference_logits(lp, lp_inputs, masks, base) - truth).abs().max().item()
     budget = 1.5 * ref_err + 1e-3
-    got = {"fast": SuffixRunner(lp, None, None, None, base, inputs=lp_inputs)(masks)}  # with its fused kernel where one serves
-    with fastpath.fused_kernel(False):
-        got["fast, unfused"] = SuffixRunner(lp, None, None, None, base, inputs=lp_inputs)(masks)
+    got = {"fast": AblationRunner(lp, None, base, fast=True).prepare(inputs=lp_inputs)(masks)}  # with its fused kernel where one serves
+    got["fast, unfused"] = AblationRunner(lp, None, base, fast=True, fused=False).prepare(inputs=lp_inputs)(masks)
     got["naive"] = naive_logits(lp, None, lp_inputs, masks, base)
     errs = {path: (logits - truth).abs().max().item() for path, logits in got.items()}
     assert all(e <= budget for e in errs.values()), (errs, ref_err, budget)

@@ -18,7 +18,7 @@ import processors_more
 import processors_ocr
 import processors_qwen
 from headsteer import HeadsteerError, get_adapter, intervene
-from headsteer.attribution.engine import SuffixRunner, ablated_logits, fast_path_refusal, naive_logits
+from headsteer.attribution.engine import AblationRunner, ablated_logits, fast_path_refusal, naive_logits
 from headsteer.baseline import TensorBaseline, ZeroBaseline
 from tiny_models import BUILDERS, IMG, tiny
 from tiny_processors import Q_LONG, Q_SHORT, build, feature_counts, image, last_logits, make_tokenizer, multi_image_inputs, random_baseline
@@ -133,7 +133,7 @@ def test_fast_equals_naive_on_the_processor_layout(built):
         inputs = ad.encode([image(0, spec.sizes[1])], [Q_SHORT])
     if spec.fast_refusal:  # e.g. a prefix-LM: the image attends to the prompt after it, so no cached prefix
         with pytest.raises(HeadsteerError, match=spec.fast_refusal):
-            SuffixRunner(model, None, None, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), inputs=inputs)
+            AblationRunner(model, None, ZeroBaseline(ad.num_kv_heads, ad.head_dim), fast=True).prepare(inputs=inputs)
         return
     n = int(ad.image_mask(inputs["input_ids"]).sum())
     masks = torch.rand(4, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -144,13 +144,13 @@ def test_fast_equals_naive_on_the_processor_layout(built):
         # text between images or tiles is ablated too, so the prefix up to the last image token is
         # not invariant: the fast path refuses that layout and ablated_logits falls back to naive
         with pytest.raises(HeadsteerError, match="between image tokens"):
-            SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)
+            AblationRunner(model, None, base, fast=True, chunk=4).prepare(inputs=inputs)
         single = ad.encode([image(0, spec.sizes[1])], [Q_SHORT])
         if fast_path_refusal(ad, single["input_ids"]) is not None:
             return  # image splitting: even one image has text between its tiles
         inputs, n = single, int(ad.image_mask(single["input_ids"]).sum())
         base = random_baseline(ad, n)
-    fast = SuffixRunner(model, None, None, None, base, inputs=inputs, chunk=4)(masks)
+    fast = AblationRunner(model, None, base, fast=True, chunk=4).prepare(inputs=inputs)(masks)
     torch.testing.assert_close(fast, naive_logits(model, None, inputs, masks, base), atol=1e-4, rtol=0)
 
 

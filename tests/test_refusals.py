@@ -9,7 +9,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 
 from headsteer.families import _ACTIONS, _GEN_POSITIONS, REFUSED
 
-# a type newer than the installed transformers (SINCE) has no class to look at
+# a type newer than the installed transformers (headsteer.families.since) has no class to look at
 DROPS_POSITIONS = sorted(t for t, why in REFUSED.items() if why == _GEN_POSITIONS and t in MAPPING)
 ACTION_MODELS = sorted(t for t, why in REFUSED.items() if why == _ACTIONS and t in MAPPING)
 

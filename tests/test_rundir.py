@@ -100,7 +100,7 @@ def test_cli_compare_keeps_edits_with_the_same_stem_apart_and_the_reference_firs
 
 
 def test_library_compare_rejects_an_edit_named_like_the_reference(default_model, tmp_path):
-    from headsteer.eval.compare import compare
+    from headsteer.eval.comparison import compare
 
     model, proc = default_model
     with pytest.raises(HeadsteerError, match="unedited"):

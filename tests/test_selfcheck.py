@@ -21,7 +21,7 @@ from headsteer.selfcheck import SelfCheckFailed, compare, tolerance, ulp
 from headsteer.versions import untested_transformers
 
 fastpath = importlib.import_module("headsteer.fastpath")
-intervene_mod = importlib.import_module("headsteer.intervene")
+intervene_mod = importlib.import_module("headsteer.intervention")
 
 
 def _run_json(folder):

@@ -17,8 +17,8 @@ from headsteer.baseline import make_baseline
 from headsteer.data import load_easy_vqa, load_local_vqa
 from headsteer.edit import EditManifest, apply_edit
 from headsteer.eval import accuracy, bootstrap_ci, evaluate, normalize_answer, soft_accuracy, summary
-from headsteer.eval.compare import table_rows
-from headsteer.intervene import intervene
+from headsteer.eval.comparison import table_rows
+from headsteer.intervention import intervene
 
 
 # ---------------------------------------------------------------- rank correlation with ties

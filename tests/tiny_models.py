@@ -771,7 +771,7 @@ BUILDERS = {
     # MoE text model with chunked-attention and NoPE layers
     "llama4": _llama4,
 }
-# a family newer than the installed transformers (headsteer.families.SINCE) has no model class to build
+# a family newer than the installed transformers (headsteer.families.since) has no model class to build
 BUILDERS = {k: v for k, v in BUILDERS.items() if k in MAPPING}
 HYBRID = {"qwen3_5", "qwen3_5_moe", "lfm2_vl", "lfm3_vl", "minicpmv4_6", "minicpm_ocr", "minicpmv4_7", "nemotron_h_omni"}
 

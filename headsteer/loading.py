@@ -55,6 +55,11 @@ def load(model: str | os.PathLike | None = "default", *, dtype=None, device=None
 
     Safetensors only; ``trust_remote_code`` stays off unless asked. The vision tower keeps SDPA;
     the text model gets ``attn_implementation`` (default: SDPA), which ``intervene`` wraps.
+
+    >>> import headsteer
+    >>> model, processor = headsteer.load("default")              # or headsteer.load("/ckpt/llava-1.5-7b-hf", dtype="bf16")
+    >>> headsteer.get_adapter(model, processor).num_layers
+    4
     """
     device = check_device(device)
     dtype = check_dtype(dtype, device if device_map is None else _first_gpu(device_map))

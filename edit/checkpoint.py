@@ -1,6 +1,6 @@
 """Export an edited model as a Hugging Face checkpoint (safetensors, config, processor files and
 the manifest). Weight-expressible edits are baked in, so the directory loads in plain
-transformers; the others keep the base weights and ``headsteer.load_edited`` re-applies them.
+transformers; the others keep the base weights and ``headsteer.edit.load_edited`` re-applies them.
 Writes go to a temporary directory that is renamed into place; ``force`` replaces only a checkpoint
 headsteer exported, by a swap of renames (see ``export``)."""
 from __future__ import annotations
@@ -13,81 +13,23 @@ import secrets
 import shutil
 from pathlib import Path
 
-import torch
-
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
 from headsteer.files import umask
-from headsteer.load import load
+from headsteer.loading import load
 
-from .apply import _weights_added, install_edit, lora_deltas, spec_for
-from .manifest import KINDS, EditManifest
+from .apply import install_edit
+from .kinds import KINDS
+from .manifest import EditManifest
 
-# Text backbones whose o_proj takes a bias when config.attention_bias is set.
-_BIAS_FAMILIES = {"llama", "mistral", "gemma", "gemma2", "gemma3_text", "granite", "olmo2"}
 MANIFEST_NAME = "headsteer_edit.json"
 
 
-@contextlib.contextmanager
-def _scaled_columns(ad, mask, factor):
-    saved = {}
-    try:
-        with torch.no_grad():
-            for l in range(ad.num_layers):
-                heads = mask[l].nonzero().squeeze(-1).tolist()
-                if not heads:
-                    continue
-                w = ad.out_proj(l).weight
-                saved[l] = w.detach().clone()
-                for h in heads:
-                    w[:, h * ad.head_dim : (h + 1) * ad.head_dim] *= factor
-        yield
-    finally:
-        with torch.no_grad():
-            for l, w0 in saved.items():
-                ad.out_proj(l).weight.copy_(w0)
-
-
-def can_bake_steering(ad) -> bool:
-    tcfg = ad.text_config
-    return getattr(tcfg, "model_type", "") in _BIAS_FAMILIES and hasattr(tcfg, "attention_bias")
-
-
-@contextlib.contextmanager
-def _steering_bias(ad, add):
-    """o_proj(x + a) = W x + W a: the head vectors become an o_proj bias (q/k/v get zero biases,
-    because ``attention_bias`` gives every projection one)."""
-    tcfg = ad.text_config
-    old_flag = tcfg.attention_bias
-    created = []
-    try:
-        tcfg.attention_bias = True
-        with torch.no_grad():
-            for l, attn in enumerate(ad.attention):
-                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                    lin = getattr(attn, name)
-                    if lin.bias is None:
-                        lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-                        created.append(lin)
-                o = ad.out_proj(l)
-                o.bias.add_((o.weight.float() @ add[l].reshape(-1).to(o.weight.device)).to(o.bias.dtype))
-        yield
-    finally:
-        tcfg.attention_bias = old_flag
-        for lin in created:
-            lin.bias = None
-
-
-def _edited_weights(model, manifest, ad):
-    """Context in which the model's weights carry the edit, or None if it is not weight-expressible."""
-    mask = manifest.headset(ad).to_mask(ad.num_layers, ad.num_heads)
-    if manifest.kind == "scale":
-        return _scaled_columns(ad, mask, float(manifest.params.get("factor", 0.0)))
-    if manifest.kind == "lora":
-        return _weights_added(model, lora_deltas(manifest, model))
-    if manifest.kind == "steer" and can_bake_steering(ad):
-        return _steering_bias(ad, spec_for(manifest, ad).head_add)
-    return None
+def baked_weights(model, manifest, ad):
+    """A context in which the model's weights carry the edit, or None if it cannot be baked into this
+    model's weights (``EditKind.not_bakeable`` says why)."""
+    kind = KINDS[manifest.kind]
+    return None if kind.not_bakeable(ad) is not None else kind.weights(manifest, model, ad)
 
 
 _TMP = ".headsteer-export-"  # .NAME.headsteer-export-PID-XXXX: a checkpoint being written
@@ -157,16 +99,23 @@ def _check_out(out: Path, force: bool) -> bool:
     return True
 
 
-def export(model, processor, manifest: EditManifest, out_dir, force: bool = False) -> dict:
+def export(model, processor, manifest: EditManifest, out_dir, force: bool = False, allow_other_model: bool = False) -> dict:
     """Write the edited checkpoint to ``out_dir``; returns {"baked": bool, "path": str}.
 
     ``force`` replaces only a checkpoint headsteer exported (recognised by its manifest, holding
     nothing else), atomically: the new checkpoint is written beside it, the two are swapped by
-    renames, then the old one is deleted. Temporary folders of killed exports are cleaned first."""
+    renames, then the old one is deleted. Temporary folders of killed exports are cleaned first.
+
+    >>> import headsteer
+    >>> from headsteer.edit import EditManifest
+    >>> model, processor = headsteer.load("default")
+    >>> export(model, processor, EditManifest("scale", "L2H0-3", {"factor": 0.0}), "ckpt-scale0")["baked"]
+    True
+    """
     ad = get_adapter(model, processor)
     manifest.validate()
     manifest.headset(ad)
-    manifest.check_base(model)
+    manifest.check_base(model, allow_other_model=allow_other_model)
     out = Path(out_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +131,7 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
         raise HeadsteerError(f"cannot write in {out.parent}: {e.strerror}; choose another --out") from None
     try:
         (tmp / _MARK).touch()
-        ctx = _edited_weights(model, manifest, ad)
+        ctx = baked_weights(model, manifest, ad)
         baked = ctx is not None
         with ctx if baked else contextlib.nullcontext():
             model.save_pretrained(tmp, safe_serialization=True)
@@ -232,7 +181,6 @@ def load_edited(path, allow_other_model: bool = False, **load_kwargs):
     mp = Path(path) / MANIFEST_NAME
     if mp.exists():
         manifest = EditManifest.load(mp)
-        model._headsteer_edit = manifest
         if not manifest.baked:
             install_edit(model, manifest, processor, allow_other_model=allow_other_model)
     return model, processor
