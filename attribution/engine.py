@@ -272,7 +272,7 @@ class AblationRunner:
         try:
             fast = self(masks)
         except Exception as e:  # a fast path that cannot even run here is a failed check, not a crash
-            out = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            out = _failed(e)
         else:
             naive = naive_logits(self.model, self.processor, self.inputs, masks, self.baseline)
             out = compare(fast, naive, _model_device_dtype(self.model)[1], floor)
@@ -280,6 +280,24 @@ class AblationRunner:
         if not out["passed"]:
             self.use_naive()
         return out
+
+    def prepare_checked(self, inputs) -> dict | None:
+        """``prepare(inputs=...)`` for a run's self-check: a fast path whose prefix cannot even be built
+        here is a failed check (its figures are returned, the runner goes naive), not a crash. Bad input
+        (``HeadsteerError``) still stops the run."""
+        try:
+            self.prepare(inputs=inputs)
+        except HeadsteerError:
+            raise
+        except Exception as e:
+            self.fast, self._shared = False, None
+            self.prepare(inputs=inputs)
+            return _failed(e)
+        return None
+
+
+def _failed(e: Exception) -> dict:
+    return {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def _state_bytes(cache) -> int:

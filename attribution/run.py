@@ -130,7 +130,9 @@ def self_check(model, processor, example: dict, baseline, settings: Settings) ->
     runner = AblationRunner(model, processor, baseline)
 
     def fast_check(inputs):
-        runner.prepare(inputs=inputs)
+        failed = runner.prepare_checked(inputs)
+        if failed is not None:
+            return lambda floor: dict(failed, masks=0)
         return lambda floor: runner.check_fast_path(floor, settings.rates[0], seed=settings.seed)
 
     check = check_example(model, processor, example, fast_check=fast_check)

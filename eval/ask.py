@@ -21,8 +21,6 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
 
     check_question(question)
     manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before the model loads
-    if manifest is not None:
-        manifest.allow_other_model = allow_other_model
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
     image = image or default_image()
     if check:
@@ -31,7 +29,7 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
     base = top_answers(m, proc, image, question, top)
     lines.append("answer    " + "  ".join(f"{a} ({p:.2f})" for a, p, _ in base))
     if manifest is not None:
-        with apply_edit(m, manifest, processor=proc):
+        with apply_edit(m, manifest, processor=proc, allow_other_model=allow_other_model):
             edited = top_answers(m, proc, image, question, top)
         lines.append("edited    " + "  ".join(f"{a} ({p:.2f})" for a, p, _ in edited) + f"   [{manifest.describe()}]")
     return lines

@@ -28,7 +28,9 @@ FORMAT = "headsteer-run-1"
 LOG_FILE = "headsteer.log"  # the log of every run in the folder (appended)
 
 log = logging.getLogger("headsteer")
-_held: dict[str, int] = {}  # resolved folder -> lock file descriptor held by this process
+# resolved folder -> the lock file descriptor this process holds on it. Process-wide by nature: an OS lock
+# belongs to the process (a second flock from the same process on a new descriptor would refuse itself).
+_held: dict[str, int] = {}
 
 
 def identity_hash(identity: dict) -> str:
