@@ -4,18 +4,11 @@ Names are imported on first use (PEP 562): the CLI imports this package's comman
 `headsteer <command> --help`, which must not pay for torch and transformers (start-up time)."""
 from __future__ import annotations
 
-import importlib
+from headsteer.exports import lazy_getattr
 
 _NAMES = {"bootstrap_ci": "accuracy", "normalize_answer": "accuracy", "soft_accuracy": "accuracy", "load_benchmark": "benchmarks",
           "load_pope": "benchmarks", "load_vqa": "benchmarks", "pope_metrics": "benchmarks", "compare": "comparison",
           "evaluate": "run", "summary": "run"}
 
 __all__ = list(_NAMES)
-
-
-def __getattr__(name):
-    if name not in _NAMES:
-        raise AttributeError(f"module 'headsteer.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES)

@@ -12,9 +12,8 @@ with it ``headsteer --help`` — must not pay for torch and transformers (start-
 (``ablated_logits``, ``AblationRunner``), evaluation in ``headsteer.eval``."""
 from __future__ import annotations
 
-import importlib
-
 from .errors import HeadsteerError
+from .exports import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -29,13 +28,4 @@ _NAMES = {
 _SUBMODULES = {"adapters", "ask", "baseline", "data", "fastpath", "heads", "intervention", "loading", "selfcheck", "toy"}
 
 __all__ = ["HeadsteerError", *_NAMES]
-
-
-def __getattr__(name):
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name not in _NAMES:
-        raise AttributeError(f"module 'headsteer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _NAMES, _SUBMODULES)

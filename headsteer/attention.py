@@ -206,9 +206,9 @@ def attend_eager(module, session, layer, query, key, value, attention_mask, scal
     out = torch.matmul(probs, repeat_kv(value, n_rep).float())
     if session.recorder is not None:
         record(session, layer, probs, keys, k_len, q_len)
-    abl = session.ablation()
-    if abl is not None and abl.acts_on(layer):
-        groups = session.groups_for(abl)
+    spec = session.ablating()
+    if spec is not None and spec.ablation.acts_on(layer):
+        abl, groups = spec.ablation, session.groups_for(spec)
         image_keys = group(groups, "image", keys)
         kb, vb = abl.placed(layer, key, value, image_keys, pad_group(groups["image"].to(dev), keys[1], False), keys[0])
         probs_b = torch.softmax(scores(query, repeat_kv(kb, n_rep), scaling, softcap) + bias, dim=-1)
@@ -245,8 +245,9 @@ def attend_cross(module, session, layer, query, key, value, attention_mask, scal
         queries = (torch.arange(session.past, end, device=dev), end)  # as key_positions: the queries' positions
         after, last = group(groups, "after_image", queries), group(groups, "last", queries)
         session.recorder.add_mass(layer, written_norm(ad, layer, out), after, last)
-    abl = session.ablation()
-    if abl is not None and abl.acts_on(layer):
+    spec = session.ablating()
+    if spec is not None and spec.ablation.acts_on(layer):
+        abl = spec.ablation
         kb, vb = abl.image_kv(layer, n, key.dtype, dev)  # [Hkv, n, d]
         out = torch.where(abl.selected(layer, None, dev), attend(kb[None], vb[None]), out)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None

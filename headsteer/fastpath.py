@@ -154,7 +154,8 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
               slse.view(M, Hkv, G * s, 1).transpose(0, 1).reshape(Hkv, -1, 1))
     out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask, fused=pre.fused, failed=pre.failed))[0]
 
-    abl = session.ablation()
+    spec = session.ablating()
+    abl = spec.ablation if spec is not None else None
     if abl is not None and abl.acts_on(layer):
         rows, valid = abl.fast_rows(M, Hkv, s, query.device)
         at = rows[layer][..., None]  # [Hkv, N, 1]

@@ -56,8 +56,9 @@ class _Session:
     def capture(self) -> dict | None:
         return self.captures[-1] if self.captures else None
 
-    def ablation(self):
-        abl = [a.ablation for a in self.actives if a.ablation is not None]
+    def ablating(self) -> ActiveSpec | None:
+        """The open spec that ablates heads (its ``ablation``), or None; two at once are refused."""
+        abl = [a for a in self.actives if a.ablation is not None]
         if len(abl) > 1:
             raise HeadsteerError("two active interventions both ablate heads; combine their masks into one Spec")
         return abl[0] if abl else None
@@ -68,11 +69,8 @@ class _Session:
             raise HeadsteerError("two fast-path prefixes are active at once; run one AblationRunner at a time")
         return pre[0] if pre else None
 
-    def groups_for(self, active):
-        """The token groups an active spec reads: its own (``Spec.groups``), else the forward's;
-        ``active`` may be an ActiveSpec or an Ablation (found through its spec)."""
-        if active is not None and not isinstance(active, ActiveSpec):
-            active = next((a for a in self.actives if a.ablation is active), None)
+    def groups_for(self, active: ActiveSpec | None):
+        """The token groups an active spec reads: its own (``Spec.groups``), else the forward's."""
         g = active.groups if active is not None and active.groups is not None else self.groups
         if g is None:
             raise HeadsteerError("this intervention needs token positions: call the model with input_ids or give Spec(groups=...)")
@@ -130,7 +128,7 @@ def _groups_hook(session: _Session):
         am = kwargs.get("attention_mask")
         patches = session.object_patches[-1] if session.object_patches else None
         session.groups = session.ad.token_groups(ids, am, patches)
-        if session.ablation() is not None and _padded_before_text(am) and kwargs.get("position_ids") is None:
+        if session.ablating() is not None and _padded_before_text(am) and kwargs.get("position_ids") is None:
             # Positions count real tokens only, so that a padded row sees the same rotary phases
             # as the same prompt alone — and as the baseline's keys.
             pos = session.ad.padded_position_ids(am)
