@@ -113,7 +113,7 @@
   }
   function lineChart(o) {
     // o: {xs, xlabels?, series: [{name, ys, lo?, hi?, color, width?, dash?}], title, xlabel, ylabel, yfmt, ylim?, refs?}
-    const W = o.width || 500, HH = o.height || 300, m = { l: 58, r: 12, t: 22, b: 40 };
+    const W = o.width || 500, HH = o.height || 300, m = { l: 66, r: 12, t: 22, b: 40 };
     const pw = W - m.l - m.r, ph = HH - m.t - m.b;
     const xs = o.xs, x0 = Math.min(...xs), x1 = Math.max(...xs);
     let all = [];
@@ -127,9 +127,10 @@
     const Y = (y) => m.t + (1 - (y - y0) / (y1 - y0)) * ph;
     const svg = s("svg", { width: W, height: HH, class: "chart", "data-chart": o.id || "" });
     svg.append(s("text", { x: m.l, y: 14, class: "title" }, o.title || ""));
-    for (const t of ticks(y0, y1, 5)) {
+    const yt = ticks(y0, y1, 5), step = yt.length > 1 ? yt[1] - yt[0] : 1;
+    for (const t of yt) {
       svg.append(s("line", { x1: m.l, x2: m.l + pw, y1: Y(t), y2: Y(t), stroke: t === 0 ? "#999" : "#eee" }));
-      svg.append(s("text", { x: m.l - 5, y: Y(t) + 4, class: "ax", "text-anchor": "end" }, o.yfmt(t)));
+      svg.append(s("text", { x: m.l - 5, y: Y(t) + 4, class: "ax", "text-anchor": "end" }, (o.tickfmt || o.yfmt)(t, step)));
     }
     for (const r of o.refs || []) svg.append(s("line", { x1: m.l, x2: m.l + pw, y1: Y(r), y2: Y(r), stroke: "#bbb", "stroke-dasharray": "2,3" }));
     const xt = o.xlabels ? xs.map((x, i) => [x, o.xlabels[i]]) : ticks(x0, x1, 8).map((t) => [t, String(t)]);
@@ -413,7 +414,9 @@
       const ys = F.edges[e], se = (F.stderr || {})[e] || ys.map(() => null);
       return { name: e, ys, lo: ys.map((v, i) => (ok(v) && ok(se[i]) ? v - se[i] : null)), hi: ys.map((v, i) => (ok(v) && ok(se[i]) ? v + se[i] : null)), color: PALETTE[j % PALETTE.length] };
     });
-    app.append(lineChart({ id: "flow", xs, xlabels, xname: "window", xlabel: "layer window", ylabel: D.ylabel, yfmt, series, width: 760, height: 380, bandWord: " ±1 stderr [" }));
+    const digits = (st, scale) => Math.max(0, -Math.floor(Math.log10(st * scale) + 1e-9));
+    const tickfmt = measure === "logit_diff" ? (v, st) => v.toFixed(digits(st, 1)) : (v, st) => (100 * v).toFixed(digits(st, 100)) + "%";
+    app.append(lineChart({ id: "flow", xs, xlabels, xname: "window", xlabel: "layer window", ylabel: D.ylabel, yfmt, tickfmt, series, width: 760, height: 380, bandWord: " ±1 stderr [" }));
     app.append(h("h3", {}, "Values"));
     app.append(table(["edge", ...xlabels], names.map((e) => [e, ...F.edges[e].map(yfmt)]), "flowtable"));
     if (F.restricted) {
