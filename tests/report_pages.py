@@ -43,8 +43,8 @@ def curves_of(names, K):
             "heads_needed": {n: need for n in names}, "headline": {"faithfulness": "f headline", "completeness": "c headline"}}
 
 
-def attribution_inputs(n=5, L=2, H=3, rates=(0.1, 0.5), questions=None, curves=True, seed=0):
-    rows = rows_of(n, L, H, rates, seed, questions)
+def attribution_inputs(n=5, L=2, H=3, rates=(0.1, 0.5), questions=None, curves=True, seed=0, single=True):
+    rows = rows_of(n, L, H, rates, seed, questions, single)
     agg = aggregate(rows)
     names = {("attribution" if len(rates) == 1 else f"attribution@{rate_key(a)}"): a for a in rates}
     data = {"settings": {"alpha": rates[0] if len(rates) == 1 else list(rates), "masks": 16, "method": "ridge",

@@ -160,3 +160,13 @@ def test_flow_report_in_a_browser(tmp_path):
     assert not console, console
     assert 'data-rendered="yes"' in dom and 'data-chart="flow"' in dom
     assert len(re.findall(r'<g class="series" data-series="[^"]+"', dom)) == 2 and "-50.0%" in dom
+
+
+def test_a_no_compare_report_in_a_browser(tmp_path):
+    """--no-compare: no single-head or attention numbers and no curves; the page says so and draws the rest."""
+    text, *_ = attribution_page(examples=[shape_example()] * 2, n=2, rates=(0.1,), curves=False, single=False)
+    dom, console = browse(_write(tmp_path / "nc.html", text), "--dump-dom")
+    assert not console, console
+    assert 'data-rendered="yes"' in dom and len(re.findall(r'class="cell"', dom)) == 2 * 6
+    app = dom.split('id="app"')[1].split("<script")[0]  # what the renderer drew
+    assert "not computed for this run (--no-compare)" in app and "single-head" not in app and "attention to" not in app
