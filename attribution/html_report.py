@@ -42,6 +42,19 @@ def _num(x, digits: int = DIGITS):
     return float(f"{x:.{digits}g}")
 
 
+def _rounded(x, digits: int = DIGITS):
+    """``x`` (dicts, lists, numbers) with every float rounded by ``_num``."""
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_rounded(v, digits) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return _num(x, digits)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
 def _flat(a) -> list:
     """[L, H] -> a flat list of L*H rounded numbers (head l, h at l*H + h)."""
     return [_num(v) for v in np.asarray(a, dtype=float).ravel()]
@@ -149,8 +162,7 @@ def attribution_payload(data: dict, agg: dict, rows: list[dict], examples=None, 
         a = agg.get("rates", {}).get(key, agg)
         rates.append({"alpha": r["alpha"], "key": key, "ranking": r.get("ranking", "attribution"),
                       "mean": _flat(a["mean"]), "stderr": _flat(a["stderr"]), "topk_freq": _flat(a["topk_freq"]),
-                      "fit_correlation": r.get("fit_correlation"), "layer_profile": r.get("layer_profile"),
-                      "attention_correlation": r.get("attention_correlation")})
+                      **_rounded({k: r.get(k) for k in ("fit_correlation", "layer_profile", "attention_correlation")})})
     images, per_image = {}, []
     for j, r in enumerate(rows):
         entry = image_entry(examples[j], max_side) if examples is not None else None
@@ -177,8 +189,8 @@ def attribution_payload(data: dict, agg: dict, rows: list[dict], examples=None, 
             "primary_alpha": data.get("primary_alpha"), "rates": rates,
             "single": _flat(agg["single"]) if "single" in agg else None,
             "attention": _flat(agg["attention"]) if "attention" in agg else None,
-            "curves": curves, "held_out": data.get("held_out"), "regimes": data.get("regimes"),
-            "similarity": data.get("similarity"), "per_image": per_image, "images": images}
+            "curves": curves, "held_out": data.get("held_out"), "regimes": _rounded(data.get("regimes")),
+            "similarity": _rounded(data.get("similarity")), "per_image": per_image, "images": images}
 
 
 def write_attribution_report(out: Path, data: dict, agg: dict, rows: list[dict], examples=None) -> Path:
@@ -189,22 +201,10 @@ def write_attribution_report(out: Path, data: dict, agg: dict, rows: list[dict],
 
 # -- the flow report -------------------------------------------------------------------------------
 
-def _clean(x):
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return _num(x, 6)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def flow_payload(flow: dict, ylabel: str, words: str, lines: list[str], settings: dict | None = None) -> dict:
     """What the flow view draws: ``flow`` (flow.json's content), the y-axis label and the sentence
     that say what a number means, and the summary's statements."""
-    return {"kind": "flow", "flow": _clean(flow), "ylabel": ylabel, "words": words, "lines": list(lines),
+    return {"kind": "flow", "flow": _rounded(flow, 6), "ylabel": ylabel, "words": words, "lines": list(lines),
             "settings": settings or {}}
 
 
