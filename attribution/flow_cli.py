@@ -12,7 +12,7 @@ from headsteer.cli_options import force_opt, friendly, load_options, qtype_filte
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, write_json, write_text
 
-FLOW_OUTPUTS = ("flow.json", "flow.png", "summary.md")
+FLOW_OUTPUTS = ("flow.json", "flow.png", "summary.md", "report.html")
 
 
 def heads_option_value(heads, from_attribution, top_k, ad):
@@ -76,7 +76,8 @@ def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads,
     from headsteer.rundir import check_out, open_run, record, run_identity
     from headsteer.selfcheck import SKIPPED, check_example
 
-    from .flow import MEASURE_WORDS, describe, flow_dataset
+    from .flow import MEASURE_WORDS, MEASURES, describe, flow_dataset
+    from .html_report import write_flow_report
 
     check_out(out)
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
@@ -102,9 +103,11 @@ def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads,
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
     write_json(outp / "flow.json", result)
     plot_flow(outp, result)
+    lines = describe(result)
     text = "\n".join([f"# Token-level flow ({result['n_images']} images, window {window})", "",
-                      f"Effect of knocking out each edge: {MEASURE_WORDS[measure]} (measure {measure}).", ""] + describe(result)) + "\n"
+                      f"Effect of knocking out each edge: {MEASURE_WORDS[measure]} (measure {measure}).", ""] + lines) + "\n"
     write_text(outp / "summary.md", text)
+    write_flow_report(outp, result, MEASURES[measure][1], MEASURE_WORDS[measure], lines, {"window": window})
     click.echo(text)
-    click.echo(f"wrote {out}/: run.json headsteer.log flow.json flow.png summary.md")
+    click.echo(f"wrote {out}/: run.json headsteer.log {' '.join(FLOW_OUTPUTS)}")
 

@@ -14,10 +14,10 @@ from headsteer.data import data_origin
 from headsteer.errors import HeadsteerError
 from headsteer.parallel import process_shard
 
-from . import report
+from . import html_report, report
 from .curves import headline, k_grid, measure, random_rankings, summarize
-from .regression import fit_correlation
 from .engine import AblationRunner
+from .regression import fit_correlation
 from .run import Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution, self_check
 from .similarity import easy_vqa_labels, group_similarity
 
@@ -142,5 +142,6 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
     else:
         (out / "topk_curve.png").unlink(missing_ok=True)  # an earlier run's curves are not this run's
     report.write_summary(out, data, L * H)
+    html_report.write_attribution_report(out, data, agg, rows, [dataset[r["index"]] for r in rows])
     return data
 

@@ -71,7 +71,7 @@ def rate_key(alpha: float) -> str:
 
 # what ``headsteer attribute`` writes in its folder (the only files --force deletes)
 OUTPUTS = ("per_image.jsonl", "scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "layers.png",
-           "summary.md")
+           "summary.md", "report.html")
 
 
 def outputs(world: int) -> list[str]:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -106,9 +107,10 @@ def test_cli_attribute_writes_every_output(tmp_path):
                                   "--n-random", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     for name in ("scores.safetensors", "heads.json", "heatmap.png", "topk_curve.png", "layers.png", "summary.md",
-                 "per_image.jsonl"):
+                 "per_image.jsonl", "report.html"):
         assert (out / name).exists(), name
-    assert set(json.loads((out / "run.json").read_text())["written"]) >= {"topk_curve.png", "layers.png"}
+    assert set(json.loads((out / "run.json").read_text())["written"]) >= {"topk_curve.png", "layers.png", "report.html"}
+    assert "report.html" in next(line for line in r.output.splitlines() if line.startswith("wrote "))
     data = json.loads((out / "heads.json").read_text())
     assert len(data["heads"]) == 32 and data["baseline"]["kind"] == "mean"
     assert "faithfulness" not in data and set(data["fit_correlation"]) >= {"pearson", "spearman"}
@@ -127,6 +129,12 @@ def test_cli_attribute_writes_every_output(tmp_path):
     assert summary.splitlines()[2].startswith("**Heads needed for 80%") and "Where the heads sit" in summary
     scores = headsteer.attribution.report.load_scores(out)
     assert scores["per_image"].shape == (3, 4, 8) and scores["mean@0.6"].shape == (4, 8)
+    # report.html: both rates' grids, the images with their object masks (test_report_html.py has the rest)
+    page = (out / "report.html").read_text()
+    blob = json.loads(re.search(r"id='headsteer-data'>(.*?)</script>", page, re.S).group(1))
+    assert [r["alpha"] for r in blob["rates"]] == [0.1, 0.6] and len(blob["per_image"]) == 3
+    np.testing.assert_allclose(blob["rates"][1]["mean"], scores["mean@0.6"].numpy().ravel(), rtol=1e-3, atol=1e-6)
+    assert all("mask" in blob["images"][r["image"]] for r in blob["per_image"])
     assert not list(out.glob("*.tmp"))
     # the edit commands pick a rate's ranking
     from headsteer.heads import select_heads, top_heads

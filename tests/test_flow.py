@@ -1,3 +1,6 @@
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +118,11 @@ def test_knockout_is_identical_with_left_padding(default_model):
 def test_cli_flow(tmp_path):
     r = CliRunner().invoke(main, ["flow", "--n-images", "2", "--window", "2", "--heads", "L1H0,L2H3", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    for name in ("flow.json", "flow.png", "summary.md"):
+    for name in ("flow.json", "flow.png", "summary.md", "report.html"):
         assert (tmp_path / name).exists()
+    flow = json.loads((tmp_path / "flow.json").read_text())
+    page = (tmp_path / "report.html").read_text()
+    blob = json.loads(re.search(r"id='headsteer-data'>(.*?)</script>", page, re.S).group(1))
+    assert blob["kind"] == "flow" and set(blob["flow"]["edges"]) == set(flow["edges"]) and blob["flow"]["heads"] == "L1H0,L2H3"
+    assert "report.html" in next(line for line in r.output.splitlines() if line.startswith("wrote "))
     assert "object->last" in r.output and "random heads of the same count" in r.output
