@@ -31,6 +31,7 @@ COMMANDS = {
     "export": "Write the edited model as a Hugging Face checkpoint.",
     "eval": "VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch).",
     "compare": "Evaluate the unedited model and each edit on the same examples; table, plot, HTML report.",
+    "export-task": "Write VQA data as local files plus an lmms-eval task that scores it as eval does.",
     "ask": "Answer one question about one image (and show an edit's effect).",
 }
 
