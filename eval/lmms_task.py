@@ -236,3 +236,66 @@ def export_outputs() -> list[str]:
     """What the Commands table lists for export-task (the fixed names)."""
     return [DATA_FILE, f"{IMAGES}/", f"{TASKS}/NAME.yaml", f"{TASKS}/{UTILS}"]
 
+
+
+# --- reading lmms-eval's output back (scripts/lmms_eval_check.sh) ---------------------------------
+
+def _text(resp) -> str:
+    """A logged response as text: lmms-eval logs a string, a one-element list, or a result object."""
+    while isinstance(resp, list) and resp:
+        resp = resp[0]
+    if isinstance(resp, dict):
+        resp = resp.get("text", "")
+    return "" if resp is None or resp == [] else str(resp)
+
+
+def read_lmms_samples(path) -> dict[int, dict]:
+    """doc_id -> {prediction, accuracy, input} from an lmms-eval ``--log_samples`` JSONL file."""
+    out = {}
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        s = json.loads(line)
+        if "doc_id" not in s or "accuracy" not in s:
+            raise HeadsteerError(f"{path}:{i}: not a sample of a headsteer export-task (no doc_id/accuracy)")
+        out[int(s["doc_id"])] = {"prediction": _text(s.get("filtered_resps", s.get("resps"))), "accuracy": float(s["accuracy"]),
+                                 "input": s.get("input")}
+    return out
+
+
+def agreement(rows: list[dict], lmms: dict[int, dict], eval_rows: list[dict]) -> dict:
+    """Per-question agreement of lmms-eval's answers with ``headsteer eval``'s on the exported
+    ``rows``: same answer text (stripped), same score, and headsteer's answer as the first words of
+    lmms-eval's (a diagnostic for a model that does not stop). Also both accuracies overall and per
+    question type, and lmms-eval's logged score checked against ``vqa_answers.vqa_accuracy`` of its
+    own answer."""
+    from .vqa_answers import vqa_accuracy
+
+    by_index = {int(r["index"]): r for r in eval_rows}
+    n = len(rows)
+    same_answer = same_score = prefix = rescored = 0
+    missing, mismatched_question, differ = [], [], []
+    acc = {"lmms-eval": {}, "headsteer": {}}
+    for row in rows:
+        i = row["index"]
+        lm, hs = lmms.get(i), by_index.get(i)
+        if lm is None or hs is None:
+            missing.append(i)
+            continue
+        if lm.get("input") is not None and lm["input"] != row["question"]:
+            mismatched_question.append(i)
+        a, b = lm["prediction"].strip(), str(hs.get("prediction", "")).strip()
+        same_answer += a == b
+        same_score += lm["accuracy"] == float(hs["correct"])
+        prefix += bool(b) and a.split()[: len(b.split())] == b.split()
+        rescored += abs(vqa_accuracy(lm["prediction"], row["answers"]) - lm["accuracy"]) < 1e-9
+        if a != b and len(differ) < 10:
+            differ.append({"index": i, "question": row["question"], "answer": row["answer"], "lmms-eval": a, "headsteer": b})
+        for side, score in (("lmms-eval", lm["accuracy"]), ("headsteer", float(hs["correct"]))):
+            for key in ("all", row["qtype"]):
+                acc[side].setdefault(key, []).append(score)
+    compared = n - len(missing)
+    mean = {side: {k: sum(v) / len(v) for k, v in d.items()} for side, d in acc.items()}
+    return {"n": n, "compared": compared, "missing": missing[:20], "n_missing": len(missing),
+            "question_mismatch": mismatched_question[:20], "same_answer": same_answer, "same_score": same_score,
+            "headsteer_answer_is_prefix": prefix, "lmms_score_rechecked": rescored, "accuracy": mean, "differ": differ}

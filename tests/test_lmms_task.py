@@ -153,3 +153,31 @@ def test_out_is_guarded(tmp_path):
     assert r.exit_code == 1 and "--name" in r.output
     r, _ = _export(tmp_path, "--qtype", "nonesuch", name="other2")
     assert r.exit_code == 1 and "no questions" in r.output
+
+
+def test_agreement_reads_lmms_samples_and_compares_per_question(tmp_path):
+    from headsteer.eval.lmms_task import agreement, read_lmms_samples
+
+    rows = [{"index": i, "question": f"q{i}?", "answer": a, "answers": [a], "qtype": t}
+            for i, (a, t) in enumerate([("red", "color"), ("circle", "shape"), ("yes", "yes/no"), ("2", "count")])]
+    # lmms-eval's --log_samples lines: a string, a one-element list, a result object as a dict
+    samples = [{"doc_id": 0, "filtered_resps": "red", "accuracy": 1.0, "input": "q0?"},
+               {"doc_id": 1, "filtered_resps": ["circle yes no"], "accuracy": 0.0, "input": "q1?"},
+               {"doc_id": 2, "filtered_resps": [{"text": " no"}], "accuracy": 0.0, "input": "q2?"},
+               {"doc_id": 3, "filtered_resps": "Two", "accuracy": 1.0, "input": "q3?"}]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    lmms = read_lmms_samples(path)
+    assert [lmms[i]["prediction"] for i in range(4)] == ["red", "circle yes no", " no", "Two"]
+    eval_rows = [{"index": 0, "prediction": "red", "correct": 1.0}, {"index": 1, "prediction": "circle", "correct": 1.0},
+                 {"index": 2, "prediction": "no", "correct": 0.0}]  # index 3 missing on headsteer's side
+    r = agreement(rows, lmms, eval_rows)
+    assert (r["compared"], r["n_missing"], r["same_answer"], r["same_score"]) == (3, 1, 2, 2)
+    assert r["headsteer_answer_is_prefix"] == 3 and r["lmms_score_rechecked"] == 3 and not r["question_mismatch"]
+    assert r["accuracy"]["lmms-eval"]["all"] == pytest.approx(1 / 3) and r["accuracy"]["headsteer"]["all"] == pytest.approx(2 / 3)
+    assert r["accuracy"]["headsteer"]["shape"] == 1.0 and r["accuracy"]["lmms-eval"]["shape"] == 0.0
+    assert [d["index"] for d in r["differ"]] == [1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"doc_id": 0, "exact_match": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="not a sample of a headsteer export-task"):
+        read_lmms_samples(bad)
