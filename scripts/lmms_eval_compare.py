@@ -36,9 +36,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     rows = [json.loads(line) for line in (a.task_dir / "data.jsonl").read_text().splitlines() if line.strip()]
-    lmms = read_lmms_samples(samples_file(a.lmms_out, a.task))
+    samples = samples_file(a.lmms_out, a.task)
+    task = a.task or samples.stem.split("_samples_", 1)[1]
+    lmms = read_lmms_samples(samples)
+    results = sorted(samples.parent.glob("*_results.json"))
+    reported = json.loads(results[-1].read_text())["results"].get(task, {}) if results else {}
     eval_rows = [json.loads(line) for line in (a.eval_out / "per_example.jsonl").read_text().splitlines() if line.strip()]
     r = agreement(rows, lmms, eval_rows)
+    r["lmms_reported"] = {k.split(",")[0]: v for k, v in reported.items() if k.startswith("accuracy") and "_stderr" not in k}
     n, c = r["n"], r["compared"]
     print(f"## {a.label or a.lmms_out.name}: {c} of {n} questions compared")
     types = list(r["accuracy"]["headsteer"])
@@ -46,6 +51,7 @@ def main(argv=None):
     print("|---|" + "---|" * len(types))
     for side in ("lmms-eval", "headsteer"):
         print(f"| {side} | " + " | ".join(f"{r['accuracy'][side].get(t, float('nan')):.4f}" for t in types) + " |")
+    print(f"lmms-eval's own table (results.json): " + ", ".join(f"{k} {v:.4f}" for k, v in r["lmms_reported"].items()))
     print(f"same answer text: {r['same_answer']}/{c}; same score: {r['same_score']}/{c}; headsteer's answer = the first "
           f"words of lmms-eval's: {r['headsteer_answer_is_prefix']}/{c}; lmms-eval's logged score = headsteer's "
           f"vqa_accuracy of its answer: {r['lmms_score_rechecked']}/{c}")

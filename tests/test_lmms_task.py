@@ -181,3 +181,30 @@ def test_agreement_reads_lmms_samples_and_compares_per_question(tmp_path):
     bad.write_text(json.dumps({"doc_id": 0, "exact_match": 1.0}) + "\n")
     with pytest.raises(ValueError, match="not a sample of a headsteer export-task"):
         read_lmms_samples(bad)
+
+
+def _doc_command_lines():
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "lmms_eval.md").read_text()
+    for block in re.findall(r"```bash\n(.*?)```", doc, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("headsteer "):
+                yield line[len("headsteer "):]
+
+
+@pytest.mark.parametrize("line", list(_doc_command_lines()))
+def test_doc_command_lines_parse(line):
+    import shlex
+
+    import click
+
+    words = shlex.split(line)
+    ctx = click.Context(main)
+    cmd = main.get_command(ctx, words[0])
+    rest = words[1:]
+    if isinstance(cmd, click.Group):
+        cmd, rest = cmd.get_command(ctx, rest[0]), rest[1:]
+    assert cmd is not None, line
+    cmd.make_context(cmd.name, list(rest), resilient_parsing=False)
