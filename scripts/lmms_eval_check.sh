@@ -6,9 +6,10 @@
 #
 #   bash scripts/lmms_eval_check.sh                # the embedded default model
 #   bash scripts/lmms_eval_check.sh /tmp/ckpt      # an exported checkpoint (`headsteer export`): headsteer's side
-#                                                  # is then `headsteer eval --model $BASE_MODEL --edit /tmp/ckpt/headsteer_edit.json`
+#                                                  # is then `headsteer eval --model $BASE_MODEL --edit EDIT`, the edit it
+#                                                  # was exported from (EDIT=e.json; for a scale edit read from the checkpoint)
 #
-# Environment: N (questions, default 300), DATA (default easy-vqa:test), QTYPE (default all),
+# Environment: EDIT (the manifest an exported checkpoint was made from), N (questions, default 300), DATA (default easy-vqa:test), QTYPE (default all),
 # MAX_NEW_TOKENS (lmms-eval's generation length, default 16), BASE_MODEL (the model an exported edit was made on,
 # default "default"), DEVICE (default cpu), PYTHON (the python with headsteer installed from this checkout,
 # default python3), WORK (outputs, default a new temporary folder), LMMS_VENV (a virtual environment to make or
@@ -66,7 +67,26 @@ if [ -f "$MODEL_PATH/headsteer_edit.json" ]; then
     echo "plain weights and would evaluate the unedited model; only weight-expressible edits (scale, lora) export to lmms-eval"
     exit 1
   fi
-  HS_ARGS=(--model "$BASE_MODEL" --edit "$MODEL_PATH/headsteer_edit.json")
+  # the checkpoint's own manifest says baked (its weights carry the edit): on the base model it would change
+  # nothing, and headsteer refuses it there. Use the manifest it was exported from (EDIT=...), or for a scale
+  # edit (numbers only) an unbaked copy of the checkpoint's manifest.
+  if [ -n "${EDIT:-}" ]; then
+    HS_EDIT=$EDIT
+  else
+    HS_EDIT="$WORK/edit-from-checkpoint.json"
+    "$PY" - "$MODEL_PATH/headsteer_edit.json" "$HS_EDIT" <<'EOF' || exit 1
+import sys
+from headsteer.edit import EditManifest
+m = EditManifest.load(sys.argv[1])
+if m.kind != "scale":
+    sys.exit(f"error: a {m.kind} checkpoint: give the edit manifest it was exported from as EDIT=... (its tensors and "
+             "adapter files live beside that manifest)")
+m.baked = False
+m.provenance.pop("checkpoint_files", None)
+m.save(sys.argv[2])
+EOF
+  fi
+  HS_ARGS=(--model "$BASE_MODEL" --edit "$HS_EDIT")
   if [ "$BASE_MODEL" = default ]; then
     HS_MODEL_PATH=$("$PY" -c "from headsteer.load import default_model_path; print(default_model_path())")
   else
