@@ -31,7 +31,6 @@
 # lmms-eval exits 0 after an error: a run counts only if its samples file exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$(pwd)
 PY=${PYTHON:-python3}
 N=${N:-300}
 DATA=${DATA:-easy-vqa:test}
@@ -64,7 +63,7 @@ if [ -f "$MODEL_PATH/headsteer_edit.json" ]; then
   baked=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1])).get('baked'))" "$MODEL_PATH/headsteer_edit.json")
   if [ "$baked" != True ]; then
     echo "error: $MODEL_PATH holds an edit that is not in its weights (baked: $baked): lmms-eval's llava_hf loads the"
-    echo "plain weights and would evaluate the unedited model; only weight-expressible edits (scale, lora) export to lmms-eval"
+    echo "plain weights and would evaluate the unedited model; only edits baked into the weights reach lmms-eval"
     exit 1
   fi
   # the checkpoint's own manifest says baked (its weights carry the edit): on the base model it would change
