@@ -239,7 +239,7 @@ def export_task_cmd(data, qtype, limit, task, name, max_new_tokens, out, force):
     types = ", ".join(f"{t} {k}" for t, k in s["qtypes"].items())
     click.echo(f"{s['n']} questions ({types}), {s['images']} images; lmms-eval task {s['task']} "
                f"(metrics: {', '.join(s['metrics'])}; max_new_tokens {s['max_new_tokens']})")
-    click.echo(f"run: lmms_eval --model llava_hf --model_args pretrained=MODEL_DIR,device_map=cpu --device cpu --include_path "
+    click.echo(f"run: python -m lmms_eval --model llava_hf --model_args pretrained=MODEL_DIR,device_map=cpu --device cpu --include_path "
                f"{s['include_path']} --tasks {s['task']} --log_samples --output_path OUT   (install notes: docs/lmms_eval.md)")
     click.echo(f"wrote {out}/: run.json headsteer.log data.jsonl images/ tasks/{s['task']}.yaml tasks/utils.py")
 

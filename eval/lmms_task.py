@@ -15,7 +15,7 @@ What is written under ``out``::
     run.json headsteer.log   the folder's identity (``headsteer.rundir``), as for every run folder
 
 ``doc_to_text`` is the bare question: the model's chat template places the image and the role
-tags, as ``headsteer eval`` does. Run it with ``lmms_eval --include_path OUT/tasks --tasks NAME``.
+tags, as ``headsteer eval`` does. Run it with ``python -m lmms_eval --include_path OUT/tasks --tasks NAME``.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def task_yaml(name: str, data_file: Path, qtypes, max_new_tokens: int, descripti
     lines = [
         f"# lmms-eval task written by `headsteer export-task`: {description}",
         "# Local files only: the questions are the JSON lines below (absolute path: export again after moving",
-        "# the folder), the images sit beside them. Run: lmms_eval --include_path <this folder> --tasks " + name,
+        "# the folder), the images sit beside them. Run: python -m lmms_eval --include_path <this folder> --tasks " + name,
         f"task: {name}",
         "dataset_path: json",
         "dataset_kwargs:",

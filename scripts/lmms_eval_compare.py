@@ -51,7 +51,7 @@ def main(argv=None):
     print("|---|" + "---|" * len(types))
     for side in ("lmms-eval", "headsteer"):
         print(f"| {side} | " + " | ".join(f"{r['accuracy'][side].get(t, float('nan')):.4f}" for t in types) + " |")
-    print(f"lmms-eval's own table (results.json): " + ", ".join(f"{k} {v:.4f}" for k, v in r["lmms_reported"].items()))
+    print("lmms-eval's own table (results.json): " + ", ".join(f"{k} {v:.4f}" for k, v in r["lmms_reported"].items()))
     print(f"same answer text: {r['same_answer']}/{c}; same score: {r['same_score']}/{c}; headsteer's answer = the first "
           f"words of lmms-eval's: {r['headsteer_answer_is_prefix']}/{c}; lmms-eval's logged score = headsteer's "
           f"vqa_accuracy of its answer: {r['lmms_score_rechecked']}/{c}")
