@@ -81,6 +81,7 @@ def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_
     manifest.headset(ad)  # range check with a clear message
     manifest.check_base(model, allow_other_model=allow_other_model)  # made on these weights (or allowed)
     if manifest.baked:
+        manifest.check_not_baked_on_base(model)  # a no-op on the unedited weights: refused, not silently ignored
         yield manifest
         return
     with kind_of(manifest.kind).applied(manifest, model, ad):

@@ -180,6 +180,27 @@ class EditManifest:
                 return p
             raise
 
+    def check_not_baked_on_base(self, model) -> None:
+        """Applying a baked manifest (an exported checkpoint's: its weights carry the edit) changes
+        nothing; on the unedited weights it was made on that would silently give the unedited model's
+        numbers, so it is refused there."""
+        base = self.provenance.get("base_hash")
+        if self.baked and base and self._base_fingerprint(model) == base:
+            raise HeadsteerError("this manifest is an exported checkpoint's (baked: its weights carry the edit) and this "
+                                 "model has the unedited weights it was made on, where applying it changes nothing: apply "
+                                 "the edit manifest you exported (headsteer edit --out), or evaluate the checkpoint itself "
+                                 "(--model CHECKPOINT)")
+
+    def _base_fingerprint(self, model) -> str | None:
+        """This model's fingerprint in the kind of ``provenance.base_hash`` (None where an exact
+        hash cannot tell: another precision of possibly the same weights)."""
+        exact = self.provenance.get("base_hash_kind") == EXACT_HASH
+        p = next(model.parameters(), None)
+        dtype = str(p.dtype).replace("torch.", "") if p is not None else None
+        if exact and self.provenance.get("base_dtype") not in (None, dtype):
+            return None
+        return weights_fingerprint(model) if exact else sampled_fingerprint(model)
+
     def check_base(self, model, allow_other_model: bool = False) -> None:
         """Refuse weights other than those the edit was made on (``provenance.base_hash``), unless
         ``allow_other_model`` (here or on the manifest). Baked checkpoints carry the edit in their
@@ -187,12 +208,9 @@ class EditManifest:
         base = self.provenance.get("base_hash")
         if not base or self.baked or self.allow_other_model or allow_other_model:
             return
-        exact = self.provenance.get("base_hash_kind") == EXACT_HASH
-        p = next(model.parameters(), None)
-        dtype = str(p.dtype).replace("torch.", "") if p is not None else None
-        if exact and self.provenance.get("base_dtype") not in (None, dtype):
+        now = self._base_fingerprint(model)
+        if now is None:
             return  # other precision of (possibly) the same weights: an exact hash cannot tell; not refused
-        now = weights_fingerprint(model) if exact else sampled_fingerprint(model)
         if now != base:
             made = self.provenance.get("base_model") or "another model"
             raise HeadsteerError(f"this edit was made on other weights ({made}; base_hash {base[:12]}…, this model "

@@ -43,17 +43,24 @@ def check_metrics(metrics: str) -> tuple[str, ...]:
     return ms
 
 
-def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
-    from headsteer import HeadSet, get_adapter, load
+def eval_data(data, qtype, limit, task):
+    """The rows ``eval``, ``compare`` and ``export-task`` read for --data, --qtype, --limit, --task."""
     from headsteer.edit.tasks import shifted
 
     from .benchmarks import load_benchmark
 
-    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
-    ad = get_adapter(m, proc)
     ds = shifted(load_benchmark(data, limit=limit, qtypes=None if qtype == "all" else tuple(qtype.split(","))), task)
     if len(ds) == 0:
         raise HeadsteerError(f"no questions in {data} with --qtype {qtype}: choose question types the data has (or all)")
+    return ds
+
+
+def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
+    from headsteer import HeadSet, get_adapter, load
+
+    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    ad = get_adapter(m, proc)
+    ds = eval_data(data, qtype, limit, task)
     hs = None
     if top_heads:
         hs = HeadSet.parse(top_heads, ad.num_layers, ad.num_heads)
@@ -206,3 +213,32 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     click.echo(f"wrote {out}/: run.json headsteer.log compare.md compare.csv compare.png report.html, and runs/ (each "
                "edit's evaluation)")
 
+
+@click.command("export-task")
+@click.option("--data", default="easy-vqa", show_default=True,
+              help="easy-vqa[:split], vqa:PATH, pope:PATH[::split] or a local VQA file/folder")
+@click.option("--qtype", default="all", show_default=True,
+              help="question types, comma-separated (easy-VQA: shape, color, yes/no), or all")
+@click.option("--limit", default=500, show_default=True, type=click.IntRange(min=1),
+              help="questions to export (the first N: the same as eval's --limit)")
+@click.option("--task", default=None, help="shift the data: contrast:C, noise:S or rename:old=new,...  [default: none]")
+@click.option("--name", default=None, help="lmms-eval task name  [default: headsteer_ + the --out folder's name]")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="the task's generation length (lmms-eval's --gen_kwargs overrides it)")
+@click.option("--out", required=True, help="output folder (data.jsonl, images/, tasks/); a rerun of the same export rewrites it")
+@force_opt
+@friendly
+def export_task_cmd(data, qtype, limit, task, name, max_new_tokens, out, force):
+    """Write VQA data as local files plus an lmms-eval task that scores it as eval does."""
+    from .lmms_task import export_task
+
+    ds = eval_data(data, qtype, limit, task)
+    s = export_task(ds, out, name=name, max_new_tokens=max_new_tokens, description=f"--data {data} --qtype {qtype} "
+                    f"--limit {limit}" + (f" --task {task}" if task else ""), force=force,
+                    data_spec={**_data_spec(data, task), "qtype": qtype, "limit": limit})
+    types = ", ".join(f"{t} {k}" for t, k in s["qtypes"].items())
+    click.echo(f"{s['n']} questions ({types}), {s['images']} images; lmms-eval task {s['task']} "
+               f"(metrics: {', '.join(s['metrics'])}; max_new_tokens {s['max_new_tokens']})")
+    click.echo(f"run: python -m lmms_eval --model llava_hf --model_args pretrained=MODEL_DIR,device_map=cpu --device cpu --include_path "
+               f"{s['include_path']} --tasks {s['task']} --log_samples --output_path OUT   (install notes: docs/lmms_eval.md)")
+    click.echo(f"wrote {out}/: run.json headsteer.log data.jsonl images/ tasks/{s['task']}.yaml tasks/utils.py")

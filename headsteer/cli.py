@@ -33,6 +33,8 @@ COMMANDS = {
              "VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."),
     "compare": ("headsteer.eval.cli", "compare",
                 "Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."),
+    "export-task": ("headsteer.eval.cli", "export_task_cmd",
+                    "Write VQA data as local files plus an lmms-eval task that scores it as eval does."),
     "ask": ("headsteer.eval.ask", "ask_cmd", "Answer one question about one image (and show an edit's effect)."),
 }
 

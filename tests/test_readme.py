@@ -103,3 +103,8 @@ def test_commands_table_lists_every_output():
         missing = [o for o in (*outs, RUN_FILE, LOG_FILE) if o not in row]
         assert not missing, f"README's Commands table misses {missing} for {name}"
     assert "headsteer_edit.json" in _table_row("export")
+    from headsteer.eval.lmms_task import export_outputs
+
+    row = _table_row("export-task")
+    missing = [o for o in (*export_outputs(), RUN_FILE, LOG_FILE) if o not in row]
+    assert not missing, f"README's Commands table misses {missing} for export-task"
