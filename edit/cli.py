@@ -90,6 +90,7 @@ def _kind_command(kind):
         from headsteer import get_adapter, load
 
         _check_out(out, force, kind.output_files(out))
+        kind.check(out=out, **options)
         m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
         hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed, rate)
         with tqdm(total=options.get("steps"), desc=kind.name, unit="step", disable=options.get("steps") is None) as bar:

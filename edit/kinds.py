@@ -65,6 +65,9 @@ class EditKind:
         """Why the edit cannot be baked into plain weights of this model (None: it can)."""
         return None
 
+    def check(self, **options) -> None:
+        """Refuse bad options in one line before any model loads (the CLI calls this first)."""
+
     def output_files(self, out) -> list:
         """Files ``headsteer edit <kind> --out OUT`` writes besides OUT (what --force may replace)."""
         return []
@@ -207,13 +210,16 @@ class Steer(EditKind):
 
         return None if self.not_bakeable(ad) else steering_bias(ad, self.added(manifest, ad))
 
+    def check(self, *, contrast, **_):
+        if contrast != "real-vs-blank" and not contrast.startswith("classes:"):
+            raise HeadsteerError(f"unknown --contrast {contrast!r}: use real-vs-blank or classes:A,B")
+
     def make(self, model, processor, heads, *, data, contrast, n, method, strength, **_):
         from headsteer.data import load_data
 
         from .steer import class_sets, real_vs_blank_sets, steering_vectors
 
-        if contrast != "real-vs-blank" and not contrast.startswith("classes:"):
-            raise HeadsteerError(f"unknown --contrast {contrast!r}: use real-vs-blank or classes:A,B")
+        self.check(contrast=contrast)
         ds = load_data(data, limit=None if contrast.startswith("classes:") else n * 2)
         if contrast == "real-vs-blank":
             a, b = real_vs_blank_sets(model, processor, ds, n)
@@ -247,6 +253,13 @@ class Lora(EditKind):
 
         return [Path(out).parent / (Path(out).stem + ".tensors.safetensors"), adapter_dir_of(out)]
 
+    def check(self, *, targets, out, **_):
+        if set(targets.split(",")) - set("qkvo"):
+            raise HeadsteerError(f"--targets takes q, k, v, o (comma-separated); got {targets!r}")
+        adapter_dir = adapter_dir_of(out)
+        if adapter_dir.exists() and not (adapter_dir / "adapter_config.json").exists():
+            raise HeadsteerError(f"{adapter_dir} exists and is not a PEFT adapter headsteer wrote: move it or choose another --out")
+
     def weights(self, manifest, model, ad):
         from .apply import lora_deltas, weights_added
 
@@ -261,8 +274,7 @@ class Lora(EditKind):
         from .lora import train_head_lora
         from .tasks import shifted
 
-        if set(targets.split(",")) - set("qkvo"):
-            raise HeadsteerError(f"--targets takes q, k, v, o (comma-separated); got {targets!r}")
+        self.check(targets=targets, out=out)
         adapter_dir = adapter_dir_of(out)
         ds = shifted(load_data(data, limit=limit), task)
         if adapter_dir.exists():

@@ -30,7 +30,7 @@ def test_help_is_fast_and_imports_no_torch(args):
 
 def test_command_table_matches_the_commands():
     ctx = click.Context(main)
-    for name, short in COMMANDS.items():
+    for name, (_, _, short) in COMMANDS.items():
         cmd = main.get_command(ctx, name)
         assert cmd is not None and cmd.get_short_help_str(limit=200) == short, name
 
