@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import FiniteFloat, friendly, load_options
+from headsteer.cli import FiniteFloat, friendly, load_options, progress_bar
 from headsteer.errors import HeadsteerError
 
 
@@ -173,8 +173,6 @@ def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed,
     """Train a LoRA adapter restricted to the heads' q/k/v rows and o_proj columns."""
     import shutil
 
-    from tqdm import tqdm
-
     from headsteer.data import load_data
 
     from .lora import train_head_lora
@@ -191,7 +189,7 @@ def lora(model, device, dtype, device_map, heads, from_attribution, top_k, seed,
     ds = shifted(load_data(data, limit=limit), task)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    with tqdm(total=steps, desc="lora", unit="step") as bar:
+    with progress_bar(steps, "lora", "step") as bar:
         tensors, params = train_head_lora(m, proc, hs, ds, steps=steps, targets=tuple(targets.split(",")), rank=rank, lr=lr,
                                           batch_size=batch_size, seed=seed, adapter_dir=adapter_dir, progress=bar.update)
     params["adapter_dir"] = adapter_dir.name  # relative to the manifest's folder (the only place it may be)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt, self_check_opt
+from headsteer.cli import device_opt, dtype_opt, force_opt, friendly, model_opt, progress_bar, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import write_json, write_text
 from headsteer.parallel import process_shard
@@ -130,8 +130,6 @@ def _data_spec(data, task) -> dict:
 def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
              answers_path, device, dtype, edit_path, metrics, mode, out, force, no_self_check):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
-    from tqdm import tqdm
-
     from headsteer.edit import EditManifest
     from headsteer.rundir import check_out
 
@@ -148,7 +146,7 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
         edit.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
     rank, world = process_shard()
-    with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
+    with progress_bar(len(range(rank, min(limit, len(ds)), world)), f"eval[{rank}]", "ex", rank) as bar:
         rows = evaluate(m, proc, ds, ms, edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
                         top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task),
                         check=not no_self_check, answers=answers)
@@ -200,8 +198,6 @@ def summary_markdown(s: dict) -> str:
 def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
             answers_path, device, dtype, edit_paths, more_edits, metrics, out, force, no_self_check):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
-    from tqdm import tqdm
-
     from headsteer.edit import EditManifest
 
     from .compare import compare as run_compare
@@ -221,7 +217,7 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
         e.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
     n = min(limit, len(ds))
-    with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
+    with progress_bar(n * (len(edits) + 1), "compare", "ex") as bar:
         rows = run_compare(m, proc, ds, edits, out, ms, attribution, batch_size, baseline, hs,
                            progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task),
                            check=not no_self_check, answers=answers)

@@ -40,6 +40,19 @@ def debug_mode() -> bool:
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
+def quiet_mode() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("quiet"))
+
+
+def progress_bar(total: int, desc: str, unit: str, rank: int = 0):
+    """The commands' progress bar: hidden by -q and on every process but rank 0. (tqdm takes an explicit
+    ``disable=`` over TQDM_DISABLE, so a bar that passes one must fold -q into it.)"""
+    from tqdm import tqdm  # imported when a command runs, not for --help (start-up time)
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet_mode() or rank > 0)
+
+
 def one_line(text) -> str:
     return " ".join(str(text).split())
 
@@ -212,7 +225,20 @@ def _verbosity(verbose: int, quiet: bool):
         log.propagate = False
     console.setLevel(level)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+        # other libraries' bars (datasets' map, ...): tqdm reads its defaults from TQDM_* variables; put
+        # back when the command ends, so that -q of one in-process call does not silence the next
+        old = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.call_on_close(lambda: _restore_env("TQDM_DISABLE", old))
+
+
+def _restore_env(name: str, value: str | None):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
