@@ -10,9 +10,10 @@ Face format to ``--out`` with ``eval_easy_vqa_test.json`` (the full test split) 
 is fed in and the next position must predict ``</s>``), so that generation stops after the one-word
 answer; without it the model never learns to end and rambles until ``max_new_tokens``. The saved
 generation config then sets ``max_new_tokens`` 8 (1 without ``--eos``), with ``eos_token_id`` and
-``pad_token_id``. ``--init DIR`` starts from a saved model (its vocabulary must be the one
-this script builds) instead of random weights, with no auxiliary shape/colour loss (it trains the vision tower from
-scratch; a fine-tune keeps the one it has).
+``pad_token_id``. ``--init DIR`` starts from a saved model (its vocabulary must be the one this
+script builds) instead of random weights, with no auxiliary shape/colour loss (that loss is there to
+teach a new vision tower shape; a fine-tune keeps the tower it has). A fine-tune's defaults: 1 epoch,
+peak learning rate 2e-4, 30 warm-up steps, then cosine decay.
 
 The shipped model is two runs: the from-scratch training (43 minutes on 2 CPU cores, before ``--eos``
 existed), then a short EOS fine-tune of it:
