@@ -102,3 +102,18 @@ def test_run_json_records_the_vocabulary_not_the_subset(default_model, tmp_path)
     assert json.dumps(EASY) in rec and '"n": 13' in rec
     with pytest.raises(headsteer.HeadsteerError, match="closed"):
         evaluate(model, proc, ds, ("accuracy",), mode="open", answers=["red"], check=False)
+
+
+def test_compare_scores_every_edit_against_the_same_candidates(default_model, tmp_path):
+    from headsteer.edit import EditManifest
+    from headsteer.eval.compare import compare
+
+    model, proc = default_model
+    ds = load_easy_vqa("test", limit=3, qtypes=("shape",))
+    shapes = ["triangle", "circle", "rectangle"]
+    compare(model, proc, ds, {"zero": EditManifest("scale", "L3H0-7", {"factor": 0.0})}, tmp_path, ("accuracy",),
+            check=False, answers=shapes)
+    runs = [tmp_path, *(p.parent for p in (tmp_path / "runs").glob("*/run.json"))]
+    assert len(runs) == 3
+    for run in runs:
+        assert _run_json(run)["candidates"] == sorted(shapes)
