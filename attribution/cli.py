@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli_options import force_opt, friendly, load_options, qtype_filter, self_check_opt
+from headsteer.cli_options import force_opt, friendly, load_options, progress_bar, qtype_filter, self_check_opt
 from headsteer.parallel import process_shard
 
 
@@ -40,8 +40,6 @@ from headsteer.parallel import process_shard
 def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, alpha, baseline, statistic, method, n_eval, k_max,
               n_random, min_gap, no_compare, seed, out, force, no_self_check):
     """Rank heads by how much the answer depends on the image flowing through them (COAR)."""
-    from tqdm import tqdm
-
     from headsteer import load
     from headsteer.data import load_data
     from headsteer.errors import HeadsteerError
@@ -68,7 +66,7 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
         done[0] += k
         bar.update(k)
 
-    with tqdm(total=total, desc="attribute", unit="img", disable=rank > 0) as bar:
+    with progress_bar(total, "attribute", "img", rank) as bar:
         t0 = time.perf_counter()
         result = attribute_dataset(m, proc, ds, s, out, k_max=k_max, n_eval=n_eval, progress=progress, force=force,
                                    min_gap_frac=min_gap, check=not no_self_check)

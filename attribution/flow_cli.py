@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli_options import force_opt, friendly, load_options, qtype_filter, self_check_opt
+from headsteer.cli_options import force_opt, friendly, load_options, progress_bar, qtype_filter, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, write_json, write_text
 
@@ -69,8 +69,6 @@ def plot_flow(out: Path, flow: dict):
 def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads, from_attribution, top_k, measure, out, force,
          no_self_check):
     """Attention knockout between token groups, layer window by layer window."""
-    from tqdm import tqdm
-
     from headsteer import get_adapter, load
     from headsteer.data import load_data
     from headsteer.rundir import check_out, open_run, record, run_identity
@@ -99,7 +97,7 @@ def flow(model, device, dtype, device_map, data, qtype, n_images, window, heads,
                    "--force recomputes it")
         return
     record(run, "self_check", dict(SKIPPED) if no_self_check else check_example(m, proc, ds[0]))
-    with tqdm(total=min(n_images, len(ds)), desc="flow", unit="img") as bar:
+    with progress_bar(min(n_images, len(ds)), "flow", "img") as bar:
         result = flow_dataset(m, proc, ds, n_images=n_images, window=window, heads=hs, progress=bar.update, measure=measure)
     write_json(outp / "flow.json", result)
     plot_flow(outp, result)

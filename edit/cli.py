@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli_options import friendly, load_options
+from headsteer.cli_options import friendly, load_options, progress_bar
 from headsteer.errors import HeadsteerError
 
 from .kinds import KINDS
@@ -85,15 +85,13 @@ def _kind_command(kind):
     """``headsteer edit <kind>``: the heads options, the kind's own options, and one library call."""
 
     def run(model, device, dtype, device_map, heads, from_attribution, rate, top_k, seed, out, force, **options):
-        from tqdm import tqdm
-
         from headsteer import get_adapter, load
 
         _check_out(out, force, kind.output_files(out))
         kind.check(out=out, **options)
         m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
         hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed, rate)
-        with tqdm(total=options.get("steps"), desc=kind.name, unit="step", disable=options.get("steps") is None) as bar:
+        with progress_bar(options.get("steps"), kind.name, "step") as bar:
             params, tensors = kind.make(m, proc, hs, out=out, seed=seed, progress=bar.update, **options)
         _write(m, kind.name, hs, attrib, params, out, tensors)
         if "final_loss" in params:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from headsteer.data import answer_vocabulary, keep_answer_vocabulary
 from headsteer.errors import HeadsteerError
 
 
@@ -44,6 +45,7 @@ def shifted(dataset, task: str | None):
         return dataset.map(lambda r, i: {"image": degrade(r["image"], task, seed=i)}, with_indices=True)
     if kind == "rename":
         ren = parse_renames(task.split(":", 1)[1])
-        return dataset.map(lambda r: {"answer": ren.get(r["answer"], r["answer"]),
-                                      "answers": [ren.get(a, a) for a in r["answers"]]})
+        vocabulary = [ren.get(a, a) for a in answer_vocabulary(dataset)]  # closed mode scores the renamed answers
+        return keep_answer_vocabulary(dataset.map(lambda r: {"answer": ren.get(r["answer"], r["answer"]),
+                                                             "answers": [ren.get(a, a) for a in r["answers"]]}), vocabulary)
     raise HeadsteerError(f"unknown task {task!r}: use contrast:C, noise:S or rename:old=new,...")

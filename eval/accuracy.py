@@ -135,8 +135,8 @@ OPEN_FALLBACK_TOKENS = 10  # open answers' length when neither the caller nor th
 @torch.no_grad()
 def predict_open(model, processor, images, questions, max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers. Their length and end token come from the model's generation config
-    (``max_new_tokens``/``max_length``, ``eos_token_id``: the embedded model answers with one token,
-    its config says so), else ``OPEN_FALLBACK_TOKENS`` new tokens; ``max_new_tokens`` overrides."""
+    (``max_new_tokens``/``max_length``, ``eos_token_id``: the embedded model ends its one-word answer
+    with ``</s>``), else ``OPEN_FALLBACK_TOKENS`` new tokens; ``max_new_tokens`` overrides."""
     ad = get_adapter(model, processor)
     inputs = ad.encode(images, questions)
     tok = processor.tokenizer

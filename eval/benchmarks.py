@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headsteer.data import _open_image, load_data, load_local_vqa, vqa_features
+from headsteer.data import _open_image, keep_answer_vocabulary, load_data, load_local_vqa, vqa_features
 from headsteer.errors import HeadsteerError
 
 
@@ -41,7 +41,7 @@ def load_pope(path, split: str | None = None, limit=None):
         out["qtype"].append(cat)
         if limit and len(out["image"]) >= limit:
             break
-    return datasets.Dataset.from_dict(out, features=vqa_features())
+    return keep_answer_vocabulary(datasets.Dataset.from_dict(out, features=vqa_features()), ["no", "yes"])
 
 
 def pope_metrics(rows: list[dict]) -> dict:

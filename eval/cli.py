@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from headsteer.cli_options import device_opt, dtype_opt, force_opt, friendly, model_opt, self_check_opt
+from headsteer.cli_options import device_opt, dtype_opt, force_opt, friendly, model_opt, progress_bar, self_check_opt
 from headsteer.errors import HeadsteerError
 from headsteer.files import write_json, write_text
 from headsteer.parallel import process_shard
@@ -32,7 +32,26 @@ def data_options(f):
     f = click.option("--attribution", default=None, help="attribution run directory (heatmap in reports, top heads)")(f)
     f = click.option("--device-map", default=None, help="'auto' to spread a large model over GPUs (accelerate)  [default: none]")(f)
     f = click.option("--allow-other-model", is_flag=True, help="apply edits made on other weights than --model's (base_hash differs)")(f)
+    f = click.option("--answers", "answers_path", default=None, metavar="FILE",
+                     help="closed-vocabulary candidates, one answer per line  [default: every answer of the data set, "
+                          "whatever --limit and --qtype keep]")(f)
     return device_opt(dtype_opt(model_opt(f)))
+
+
+def read_answers(path) -> list[str] | None:
+    """The candidate answers of ``--answers FILE`` (one per line; blank lines skipped), or None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise HeadsteerError(f"--answers {path}: no such file (write one candidate answer per line)")
+    try:
+        answers = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise HeadsteerError(f"--answers {path} is not UTF-8 text: save it as UTF-8") from None
+    if not answers:
+        raise HeadsteerError(f"--answers {path} holds no answers: write one candidate answer per line")
+    return answers
 
 
 def check_metrics(metrics: str) -> tuple[str, ...]:
@@ -108,18 +127,16 @@ def _data_spec(data, task) -> dict:
 @click.option("--metrics", default="accuracy,transfer", show_default=True,
               help="accuracy and/or transfer (image reliance, blank-image and no-image-flow accuracy, top-k recovery)")
 @click.option("--mode", default="closed", type=click.Choice(["closed", "open"]), show_default=True,
-              help="closed: the most likely of the data set's answers; open: greedy generation (length from the model's "
-                   "generation config)")
+              help="closed: the most likely of the data set's answers (or --answers); open: greedy generation (length "
+                   "from the model's generation config)")
 @click.option("--out", default="runs/eval", show_default=True,
               help="output directory (a rerun of the same model, data, edit and settings resumes)")
 @force_opt
 @self_check_opt
 @friendly
 def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
-             device, dtype, edit_path, metrics, mode, out, force, no_self_check):
+             answers_path, device, dtype, edit_path, metrics, mode, out, force, no_self_check):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
-    from tqdm import tqdm
-
     from headsteer.edit import EditManifest
     from headsteer.rundir import check_out
 
@@ -128,15 +145,18 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
 
     ms = check_metrics(metrics)
     check_out(out)
+    if answers_path is not None and mode != "closed":
+        raise HeadsteerError("--answers gives the candidates of --mode closed: drop it, or use --mode closed")
+    answers = read_answers(answers_path)
     edit = EditManifest.load(edit_path) if edit_path else None  # a bad manifest fails before the model loads
     if edit is not None:
         edit.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
     rank, world = process_shard()
-    with tqdm(total=len(range(rank, min(limit, len(ds)), world)), desc=f"eval[{rank}]", unit="ex", disable=rank > 0) as bar:
+    with progress_bar(len(range(rank, min(limit, len(ds)), world)), f"eval[{rank}]", "ex", rank) as bar:
         rows = evaluate(m, proc, ds, ms, edit=edit, batch_size=batch_size, mode=mode, baseline=baseline,
                         top_heads=hs, out_dir=out, progress=bar.update, force=force, data_spec=_data_spec(data, task),
-                        check=not no_self_check)
+                        check=not no_self_check, answers=answers)
     if rank != 0:
         return
     s = summary(rows)
@@ -183,10 +203,8 @@ def summary_markdown(s: dict) -> str:
 @self_check_opt
 @friendly
 def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, attribution, device_map, allow_other_model,
-            device, dtype, edit_paths, more_edits, metrics, out, force, no_self_check):
+            answers_path, device, dtype, edit_paths, more_edits, metrics, out, force, no_self_check):
     """Evaluate the unedited model and each edit on the same examples; table, plot, HTML report."""
-    from tqdm import tqdm
-
     from headsteer.edit import EditManifest
 
     from .comparison import compare as run_compare
@@ -200,15 +218,16 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
 
     ms = check_metrics(metrics)
     check_out(out)
+    answers = read_answers(answers_path)
     edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))  # bad manifests fail before the model loads
     for e in edits.values():
         e.allow_other_model = allow_other_model
     m, proc, ds, hs = _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map)
     n = min(limit, len(ds))
-    with tqdm(total=n * (len(edits) + 1), desc="compare", unit="ex") as bar:
+    with progress_bar(n * (len(edits) + 1), "compare", "ex") as bar:
         rows = run_compare(m, proc, ds, edits, out, ms, attribution, batch_size, baseline, hs,
                            progress=bar.update, limit=limit, force=force, data_spec=_data_spec(data, task),
-                           check=not no_self_check)
+                           check=not no_self_check, answers=answers)
     click.echo(markdown(rows))
     click.echo(f"wrote {out}/: run.json headsteer.log compare.md compare.csv compare.png report.html, and runs/ (each "
                "edit's evaluation)")

@@ -18,7 +18,7 @@ from headsteer.fingerprint import edit_fingerprint
 from headsteer.rundir import open_run, record, run_identity
 from headsteer.selfcheck import SKIPPED
 
-from .run import evaluate, self_check, summary
+from .run import candidate_answers, candidates_identity, evaluate, self_check, summary
 
 REFERENCE = "unedited"
 OUTPUTS = ("compare.md", "compare.csv", "compare.png", "report.html")  # besides the sub-runs under runs/
@@ -211,8 +211,9 @@ def subrun_name(name: str, edit) -> str:
 
 def compare(model, processor, dataset, edits: dict, out_dir, metrics=("accuracy", "transfer"), attribution=None,
             batch_size=16, baseline="mean", top_heads=None, progress=None, limit=None, force: bool = False,
-            data_spec: dict | None = None, check: bool = True) -> list[dict]:
-    """``edits``: name -> EditManifest (the unedited model is added first as 'unedited'). Each
+            data_spec: dict | None = None, check: bool = True, answers: list[str] | None = None) -> list[dict]:
+    """``edits``: name -> EditManifest (the unedited model is added first as 'unedited'); ``answers``: the
+    closed-mode candidates (default: the data set's answer vocabulary, ``run.candidate_answers``). Each
     evaluation is a run of its own under ``out_dir/runs/`` (resumed when its identity matches, with its
     own self-check in its run.json); ``out_dir`` itself holds the comparison of this call's edits, and
     the engine's self-check on the first example before any of them."""
@@ -220,19 +221,21 @@ def compare(model, processor, dataset, edits: dict, out_dir, metrics=("accuracy"
         raise HeadsteerError(f"an edit is named {REFERENCE!r}, the name of the reference (the unedited model): rename it")
     n = len(dataset) if limit is None else min(limit, len(dataset))
     runs = {name: subrun_name(name, edit) for name, edit in [(REFERENCE, None), *edits.items()]}
+    candidates = candidate_answers(dataset, answers)
     settings = {"metrics": sorted(metrics), "baseline": baseline if isinstance(baseline, str) else baseline.describe(),
-                "top_heads": str(top_heads) if top_heads is not None else None}
+                "top_heads": str(top_heads) if top_heads is not None else None, "candidates": candidates_identity(candidates)}
     ident, info = run_identity("compare", model, processor, dataset, n, data_spec, settings)
     info["edits"] = {name: e.describe() for name, e in edits.items()}
     checked = self_check(model, processor, dataset[0]) if check and n else dict(SKIPPED)
     run = open_run(out_dir, ident, force=force, outputs=[*OUTPUTS, *runs.values()], info=info)
     record(run, "self_check", checked)
+    record(run, "candidates", candidates)
     out = run.path
     results = {}
     for name, edit in [(REFERENCE, None), *edits.items()]:
         results[name] = evaluate(model, processor, dataset, metrics, edit=edit, batch_size=batch_size, baseline=baseline,
                                  top_heads=top_heads, out_dir=out / runs[name], progress=progress, limit=limit,
-                                 data_spec=data_spec, check=check)
+                                 data_spec=data_spec, check=check, answers=candidates)
     rows = table_rows(results)
     write_text(out / "compare.md", markdown(rows))
     with atomic_path(out / "compare.csv") as tmp, open(tmp, "w", newline="") as f:

@@ -3,11 +3,14 @@ finish (a rerun resumes), data-parallel over processes under ``accelerate launch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 
 import numpy as np
 
 from headsteer.baseline import as_baseline
+from headsteer.data import answer_vocabulary
 from headsteer.errors import HeadsteerError
 from headsteer.fingerprint import rows_fingerprint
 from headsteer.parallel import finish_processes, gather_rows, process_shard  # noqa: F401  (were defined here)
@@ -22,14 +25,38 @@ METRICS = ("accuracy", "transfer")
 OUTPUTS = ("per_example.jsonl", "summary.json", "summary.md")  # what ``headsteer eval`` writes (the only files --force deletes)
 
 
+log = logging.getLogger("headsteer")
+
+
+def candidate_answers(dataset, answers=None) -> list[str]:
+    """Closed-mode candidates: ``answers`` (e.g. ``--answers FILE``) or the data set's whole answer
+    vocabulary (``headsteer.data.answer_vocabulary``) — never only the gold answers of the rows being
+    evaluated, so that a question's prediction does not depend on which others are in the run."""
+    if answers is None:
+        return answer_vocabulary(dataset)
+    out = sorted({str(a).strip() for a in answers} - {""})
+    if not out:
+        raise HeadsteerError("no candidate answers: give at least one answer (one per line in --answers)")
+    return out
+
+
+def candidates_identity(candidates: list[str]) -> dict:
+    """Size and content hash of a candidate list, for the identity (the list itself goes to run.json's
+    ``candidates``, beside it: thousands of VQAv2 answers would swamp the identity and the log)."""
+    return {"n": len(candidates), "sha256": hashlib.sha256("\n".join(candidates).encode()).hexdigest()}
+
+
 def outputs(world: int) -> list[str]:
     return [*OUTPUTS, *(f"per_example.rank{r}.jsonl" for r in range(world) if world > 1)]
 
 
-def eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec=None):
-    """(identity, info) of an evaluation: what its rows depend on (``headsteer.rundir``)."""
+def eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec=None, candidates=None):
+    """(identity, info) of an evaluation: what its rows depend on (``headsteer.rundir``). ``candidates``:
+    the closed-mode answers (default: the data set's vocabulary)."""
+    if mode == "closed" and candidates is None:
+        candidates = candidate_answers(dataset)
     settings = {"metrics": sorted(metrics), "mode": mode,
-                "candidates": sorted(set(dataset["answer"])) if mode == "closed" else None}
+                "candidates": candidates_identity(candidates) if mode == "closed" else None}
     if "transfer" in metrics:
         settings["top_heads"] = str(top_heads) if top_heads is not None else None
         if isinstance(baseline, str) and baseline == "mean" and "image" in dataset.column_names:
@@ -57,8 +84,10 @@ def self_check(model, processor, example: dict, edit=None, generates: bool = Fal
 
 def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_size: int = 16, mode: str = "closed",
              baseline="mean", top_heads=None, out_dir=None, progress=None, limit: int | None = None, force: bool = False,
-             data_spec: dict | None = None, check: bool = True) -> list[dict]:
-    """Per-example rows (index, qtype, prediction, correct/score, transfer metrics). With ``out_dir``
+             data_spec: dict | None = None, check: bool = True, answers: list[str] | None = None) -> list[dict]:
+    """Per-example rows (index, qtype, prediction, correct/score, transfer metrics). Closed mode picks
+    the most likely of ``answers`` (default: the data set's whole answer vocabulary, whatever ``limit``
+    keeps: ``candidate_answers``); open mode generates. With ``out_dir``
     rows are appended there as they finish and a rerun of the same identity (model, processor, data
     rows, edit, metrics ...: ``headsteer.rundir``) resumes; a folder of another identity is refused
     unless ``force``. ``data_spec``: what else identifies the data (kept in run.json). ``check``: the
@@ -68,6 +97,15 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     if bad:
         raise HeadsteerError(f"unknown metric(s) {', '.join(sorted(bad))}: use {', '.join(METRICS)}")
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if answers is not None and mode != "closed":
+        raise HeadsteerError("candidate answers (--answers) are for closed mode: drop them or use --mode closed")
+    candidates = candidate_answers(dataset, answers) if mode == "closed" else None
+    if candidates is not None and n:
+        # a gold answer that is no candidate can never be predicted: say so rather than score it silently
+        outside = sorted(set(dataset.select(range(n))["answer"]) - set(candidates))
+        if outside:
+            log.warning(f"{len(outside)} gold answer(s) are not among the {len(candidates)} candidate answers and can never "
+                        f"be predicted in closed mode (e.g. {outside[0]!r})")
     rank, world = process_shard()
     mine = list(range(rank, n, world))
     done = {}
@@ -76,13 +114,14 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
     if check and n:
         checked = self_check(model, processor, dataset[0], edit, generates=mode == "open" and "accuracy" in metrics)
     if out_dir is not None:
-        ident, info = eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec)
+        ident, info = eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec,
+                                    candidates)
         run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
         record(run, "self_check", checked)
+        record(run, "candidates", candidates)
         path = run / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
         done = resume_rows(path)
     todo = [i for i in mine if i not in done]
-    candidates = sorted(set(dataset["answer"])) if mode == "closed" else None
     f = open(path, "a") if path is not None else None
     try:
         with _edit_context(model, processor, edit):

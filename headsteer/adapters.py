@@ -243,6 +243,26 @@ class Adapter:
             return ids[0]
         return full[len(base)]
 
+    def image_placeholder(self) -> str | None:
+        """The text a chat-template prompt must hold where its image goes (the processor expands it into the
+        image tokens), or None where headsteer builds the prompt itself or the processor places the image."""
+        proc = self.processor
+        if self.model_type in QUESTION_ONLY_PROMPTS or not getattr(proc, "chat_template", None):
+            return None
+        # Qianfan-OCR's prompt holds <image>, which its processor replaces by <img><IMG_CONTEXT>...</img>
+        mark = getattr(proc, "image_placeholder_token", None) or getattr(proc, "image_token", None)
+        return mark if isinstance(mark, str) and mark else None
+
+    def _check_image_placeholder(self, prompts: list[str]):
+        """Every prompt given an image holds the image placeholder: a chat template that drops the
+        image part would otherwise build an image-less prompt (or meet the processor's own count error)."""
+        mark = self.image_placeholder()
+        bad = next((p for p in prompts if mark is not None and mark not in p), None)
+        if bad is not None:
+            raise HeadsteerError(f"the model's chat template (chat_template.jinja, or chat_template in its processor or "
+                                 f"tokenizer config) rendered {bad[:80]!r} without the image placeholder {mark}: make it "
+                                 'render {"type": "image"} content parts as ' + mark)
+
     def processor_kwargs(self) -> dict:
         """What the family's processor must be asked for besides images and text (``Family.ask_mm_token_types``)."""
         return {"return_mm_token_type_ids": True} if self.family.ask_mm_token_types else {}
@@ -264,7 +284,9 @@ class Adapter:
                 images = [[im] for im in images]
             renames = self.family.own_prompt_outputs or {}
             call = partial(ProcessorMixin.__call__, proc) if renames else proc
-            batch = call(images=images, text=[self.prompt(q) for q in questions], return_tensors="pt", padding=True, **kw)
+            texts = [self.prompt(q) for q in questions]
+            self._check_image_placeholder(texts)
+            batch = call(images=images, text=texts, return_tensors="pt", padding=True, **kw)
             for ours, theirs in renames.items():
                 if ours in batch:
                     batch[theirs] = batch.pop(ours)

@@ -106,7 +106,20 @@ def _verbosity(verbose: int, quiet: bool):
         log.propagate = False
     console.setLevel(level)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads its defaults from TQDM_* variables
+        # other libraries' bars (datasets' map, ...): tqdm reads its defaults from TQDM_* variables; put
+        # back when the command ends, so that -q of one in-process call does not silence the next
+        old = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.call_on_close(lambda: _restore_env("TQDM_DISABLE", old))
+
+
+def _restore_env(name: str, value: str | None):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

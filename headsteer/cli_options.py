@@ -15,6 +15,20 @@ def debug_mode() -> bool:
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
+def quiet_mode() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("quiet"))
+
+
+def progress_bar(total: int | None, desc: str, unit: str, rank: int = 0):
+    """The commands' progress bar: hidden by -q, on every process but rank 0, and where there is nothing
+    to count (``total`` None). (tqdm takes an explicit ``disable=`` over TQDM_DISABLE, so a bar that
+    passes one must fold -q into it.)"""
+    from tqdm import tqdm  # imported when a command runs, not for --help (start-up time)
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=quiet_mode() or rank > 0 or total is None)
+
+
 def one_line(text) -> str:
     return " ".join(str(text).split())
 

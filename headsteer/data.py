@@ -103,7 +103,8 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, wi
         ds = datasets.Dataset.from_dict(data, features=feats)
     else:
         ds = datasets.Dataset.from_dict(data)
-    return stamp_origin(ds, spec="easy-vqa", split=split, qtypes=sorted(qtypes) if qtypes is not None else None)
+    ds = stamp_origin(ds, spec="easy-vqa", split=split, qtypes=sorted(qtypes) if qtypes is not None else None)
+    return keep_answer_vocabulary(ds, easy_vqa.get_answers())  # the answers of both splits
 
 
 _IMAGE_COLS = ("image", "image_path", "img", "file_name")
@@ -209,6 +210,9 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     missing = [n for n, c in (("image", img_col), ("question", "question" if "question" in cols else None), ("answer", ans_col)) if c is None]
     if missing:
         raise HeadsteerError(f"{table}: missing column(s) {', '.join(missing)}; found {sorted(cols)}")
+    # closed-mode candidates: the answers of the whole file, before --limit (or --qtype) cut it; a row
+    # past the limit that does not parse is never evaluated, and its answer is left out
+    vocabulary = {_answers_of(r, ans_col, "")[1] for r in rows if _parses(r, ans_col)}
     if limit is not None:
         rows = rows[:limit]
     out = {"image": [], "question": [], "answer": [], "answers": [], "qtype": []}
@@ -224,18 +228,11 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
             raise HeadsteerError(f"{where}missing {', '.join(gone)} (every example needs image, question and answer); fix "
                                  "that example")
         check_question(r["question"], where)
-        answers = r[ans_col]
-        if isinstance(answers, (int, float)) and not isinstance(answers, bool):
-            answers = str(answers)
-        if not isinstance(answers, (str, list)) or not answers:
-            raise HeadsteerError(f"{where}{ans_col} must be text or a non-empty list of texts; got {answers!r}")
-        if isinstance(answers, str):
-            answers = [a.strip() for a in answers.split("|")] if ans_col == "answers" else [answers]
-        answers = [str(a) for a in answers]
+        answers, answer = _answers_of(r, ans_col, where)
         out["image"].append(_open_image(r[img_col], table.parent))
         out["question"].append(str(r["question"]))
         out["answers"].append(answers)
-        out["answer"].append(max(answers, key=answers.count))  # ties: the first listed (not hash order)
+        out["answer"].append(answer)
         out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
         if has_box:
             if r.get("box") is None:
@@ -243,8 +240,30 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
             out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
     extra = {"object_box": datasets.Sequence(datasets.Value("float32"))} if has_box else {}
     ds = datasets.Dataset.from_dict(out, features=vqa_features(**extra))
-    return stamp_origin(ds, spec=str(path.resolve()), split=None, qtypes=None,
-                        file_sha256=hashlib.sha256(table.read_bytes()).hexdigest())
+    ds = stamp_origin(ds, spec=str(path.resolve()), split=None, qtypes=None,
+                      file_sha256=hashlib.sha256(table.read_bytes()).hexdigest())
+    return keep_answer_vocabulary(ds, vocabulary)
+
+
+def _answers_of(row: dict, col: str, where: str) -> tuple[list[str], str]:
+    """(reference answers, the answer: the most frequent reference) of one example."""
+    answers = row[col]
+    if isinstance(answers, (int, float)) and not isinstance(answers, bool):
+        answers = str(answers)
+    if not isinstance(answers, (str, list)) or not answers:
+        raise HeadsteerError(f"{where}{col} must be text or a non-empty list of texts; got {answers!r}")
+    if isinstance(answers, str):
+        answers = [a.strip() for a in answers.split("|")] if col == "answers" else [answers]
+    answers = [str(a) for a in answers]
+    return answers, max(answers, key=answers.count)  # ties: the first listed (not hash order)
+
+
+def _parses(row, col: str) -> bool:
+    try:
+        _answers_of(row, col, "")
+    except (HeadsteerError, TypeError, KeyError, AttributeError):
+        return False
+    return True
 
 
 def _box(value, size, table) -> list[float]:
@@ -275,23 +294,48 @@ def load_data(spec: str | None, split: str = "test", limit: int | None = None, q
 _STAMP = "headsteer-data "
 
 
+def _stamp(dataset) -> dict | None:
+    desc = getattr(getattr(dataset, "info", None), "description", None) or ""
+    if not desc.startswith(_STAMP):
+        return None
+    try:
+        return json.loads(desc[len(_STAMP):])
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_stamp(dataset, **fields):
+    dataset.info.description = _STAMP + json.dumps({**(_stamp(dataset) or {}), **fields})
+    return dataset
+
+
 def stamp_origin(dataset, **origin):
     """Record where ``dataset`` came from (spec, split, question types, ...) in its
     ``info.description``, with the ``datasets`` fingerprint it had then: every transform (map,
     filter, select) gives a new fingerprint, so a transformed data set is not taken for its origin."""
-    dataset.info.description = _STAMP + json.dumps({"origin": origin, "fingerprint": dataset._fingerprint})
-    return dataset
+    return _write_stamp(dataset, origin=origin, fingerprint=dataset._fingerprint)
+
+
+def keep_answer_vocabulary(dataset, answers):
+    """Keep the answer vocabulary of the whole data set (every answer of the split or file, before a
+    limit or a question-type filter cut it) with ``dataset``: ``datasets`` copies ``info`` into
+    what select, filter and map return, so the vocabulary follows the rows a run takes."""
+    return _write_stamp(dataset, answers=sorted(set(answers)))
+
+
+def answer_vocabulary(dataset) -> list[str]:
+    """The candidates of closed-vocabulary scoring: the vocabulary the loader kept, else (a data set
+    made elsewhere) the answers of all its rows. Never the answers of the rows a run evaluates only,
+    which would make a question's prediction depend on the other questions of the run."""
+    kept = (_stamp(dataset) or {}).get("answers")
+    return list(kept) if kept else sorted(set(dataset["answer"]))
 
 
 def data_origin(dataset, exact: bool = True) -> dict | None:
     """The origin :func:`stamp_origin` recorded, or None. ``exact=False`` also answers for a data
     set transformed since (its split is still known, its rows may not be the origin's)."""
-    desc = getattr(getattr(dataset, "info", None), "description", None) or ""
-    if not desc.startswith(_STAMP):
-        return None
-    try:
-        d = json.loads(desc[len(_STAMP):])
-    except json.JSONDecodeError:
+    d = _stamp(dataset)
+    if d is None:
         return None
     if exact and d.get("fingerprint") != getattr(dataset, "_fingerprint", None):
         return None

@@ -19,10 +19,18 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 PROMPT = "USER: <image> {question} ASSISTANT:"
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 ROLE_WORDS = ["user", "assistant", ":"]  # the normalizer lower-cases, so USER/ASSISTANT map here
+# Content as parts ({"type": "image"} / {"type": "text"}) or as one string (lmms-eval --force_simple,
+# OpenAI-style legacy clients): a string's <image> placeholders go first, as in training, then its text.
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% if m['content'] is string %}"
+    "{% for _ in range(m['content'].count('<image>')) %}<image> {% endfor %}{{ m['content'].replace('<image>', '') | trim }}"
+    "{% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    " {% elif m['role'] == 'assistant' %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %} {% endif %}{% endfor %}"
+    "{% endif %}"
+    " {% elif m['role'] == 'assistant' %}ASSISTANT: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}"
+    " {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 

@@ -67,3 +67,38 @@ def test_cli_errors_are_one_line(tmp_path):
     (bad / "model.safetensors").write_bytes(b"garbage")
     r = CliRunner().invoke(main, ["info", "--model", str(bad)])
     assert r.exit_code != 0 and "corrupt checkpoint" in r.output
+
+
+def _open_rows(model, proc, ds, max_new_tokens):
+    from headsteer.eval import evaluate
+
+    gc = model.generation_config
+    old = gc.max_new_tokens
+    gc.max_new_tokens = max_new_tokens  # what a harness passes; open mode takes the model's generation config
+    try:
+        return evaluate(model, proc, ds, ("accuracy",), mode="open", batch_size=30, check=False)
+    finally:
+        gc.max_new_tokens = old
+
+
+def test_open_answers_end_with_eos(default_model):
+    """The model ends its one-word answer with </s>: a harness's max_new_tokens changes nothing."""
+    from headsteer.data import load_easy_vqa
+    from headsteer.eval import summary
+
+    model, proc = default_model
+    ds = load_easy_vqa("test", limit=60)
+    short, long = _open_rows(model, proc, ds, 1), _open_rows(model, proc, ds, 16)
+    assert [r["prediction"] for r in long] == [r["prediction"] for r in short]
+    assert all(len(r["prediction"].split()) == 1 for r in long)
+    assert summary(long)["accuracy"] == summary(short)["accuracy"]
+    tok, gc = proc.tokenizer, model.generation_config
+    assert gc.eos_token_id == tok.eos_token_id and gc.pad_token_id == tok.pad_token_id
+    ad = headsteer.get_adapter(model, proc)
+    inputs = ad.encode(ds["image"], ds["question"])
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False)  # the length the model's own generation config gives
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    assert len(new[0]) < (gc.max_new_tokens or 20)  # stopped by </s>, not by the length limit
+    for row in new:
+        assert row[0] not in tok.all_special_ids and row[1] == tok.eos_token_id, tok.convert_ids_to_tokens(row)
