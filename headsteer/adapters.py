@@ -247,7 +247,7 @@ class Adapter:
         """The text a chat-template prompt must hold where its image goes (the processor expands it into the
         image tokens), or None where headsteer builds the prompt itself or the processor places the image."""
         proc = self.processor
-        if self.model_type in QUESTION_ONLY_PROMPTS or not getattr(proc, "chat_template", None):
+        if self.family.question_only or not getattr(proc, "chat_template", None):
             return None
         # Qianfan-OCR's prompt holds <image>, which its processor replaces by <img><IMG_CONTEXT>...</img>
         mark = getattr(proc, "image_placeholder_token", None) or getattr(proc, "image_token", None)

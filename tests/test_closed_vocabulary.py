@@ -106,7 +106,7 @@ def test_run_json_records_the_vocabulary_not_the_subset(default_model, tmp_path)
 
 def test_compare_scores_every_edit_against_the_same_candidates(default_model, tmp_path):
     from headsteer.edit import EditManifest
-    from headsteer.eval.compare import compare
+    from headsteer.eval.comparison import compare
 
     model, proc = default_model
     ds = load_easy_vqa("test", limit=3, qtypes=("shape",))

@@ -49,10 +49,12 @@ def test_public_docstring_examples_run(target, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module, _, name = target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(module), name)
+        mod = importlib.import_module(module)
+        obj = getattr(mod, name)
     except (ImportError, AttributeError):
-        obj = importlib.import_module(target)
-    examples = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
+        mod = obj = importlib.import_module(target)
+    # as `python -m doctest` runs them: in the namespace of the module that defines the name
+    examples = doctest.DocTestFinder(recurse=False).find(obj, name, module=mod, globs=dict(vars(mod)))
     assert examples and examples[0].examples, f"{target} has no example in its docstring"
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for t in examples:
