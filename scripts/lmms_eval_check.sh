@@ -53,7 +53,7 @@ t0=$(now)
 
 # --- the model on each side ---
 if [ "$MODEL" = default ]; then
-  MODEL_PATH=$("$PY" -c "from headsteer.load import default_model_path; print(default_model_path())") || exit 1
+  MODEL_PATH=$("$PY" -c "from headsteer import default_model_path; print(default_model_path())") || exit 1
 else
   MODEL_PATH=$(cd "$MODEL" && pwd) || { echo "error: model directory not found: $MODEL"; exit 1; }
 fi
@@ -87,7 +87,7 @@ EOF
   fi
   HS_ARGS=(--model "$BASE_MODEL" --edit "$HS_EDIT")
   if [ "$BASE_MODEL" = default ]; then
-    HS_MODEL_PATH=$("$PY" -c "from headsteer.load import default_model_path; print(default_model_path())")
+    HS_MODEL_PATH=$("$PY" -c "from headsteer import default_model_path; print(default_model_path())")
   else
     HS_MODEL_PATH=$BASE_MODEL
   fi
