@@ -250,7 +250,7 @@ class Lora(EditKind):
     def weights(self, manifest, model, ad):
         from .apply import lora_deltas, weights_added
 
-        return weights_added(model, lora_deltas(manifest, model))
+        return weights_added(model, lora_deltas(manifest, model, ad))
 
     def make(self, model, processor, heads, *, data, task, steps, targets, rank, lr, batch_size, limit, out, seed=0, progress=None,
              **_):

@@ -17,21 +17,9 @@ from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
 from headsteer.heads import HeadSet
 
+from .apply import head_slices
+
 TARGETS = ("q", "k", "v", "o")
-
-
-def _slices(ad, heads: HeadSet, layer: int, proj: str, dim: int) -> torch.Tensor:
-    """bool [dim]: the rows (q/k/v) or columns (o) of ``proj`` that belong to the selected heads."""
-    d = ad.head_dim
-    keep = torch.zeros(dim, dtype=torch.bool)
-    hs = heads.heads_in(layer)
-    if proj in ("q", "o"):
-        for h in hs:
-            keep[h * d : (h + 1) * d] = True
-    else:
-        for kv in {h // ad.group_size() for h in hs}:
-            keep[kv * d : (kv + 1) * d] = True
-    return keep
 
 
 def train_head_lora(model, processor, heads: HeadSet, dataset, steps: int = 300, targets=("q", "o"), rank: int = 4,
@@ -62,10 +50,10 @@ def train_head_lora(model, processor, heads: HeadSet, dataset, steps: int = 300,
         mod = pm[f"base_model.model.{n}"]
         A, B = mod.lora_A["default"].weight, mod.lora_B["default"].weight
         if t == "o":
-            keep = _slices(ad, heads, l, "o", A.shape[1])
+            keep = head_slices(ad, heads, l, "o", A.shape[1])
             param, m = A, keep[None, :].to(A.dtype)
         else:
-            keep = _slices(ad, heads, l, t, B.shape[0])
+            keep = head_slices(ad, heads, l, t, B.shape[0])
             param, m = B, keep[:, None].to(B.dtype)
         with torch.no_grad():
             param.mul_(m)
