@@ -22,6 +22,24 @@ from .apply import head_slices
 TARGETS = ("q", "k", "v", "o")
 
 
+def check_rank(ad, heads, targets, rank: int):
+    """A LoRA's rank is at most the width of the slice it may change (the selected heads' rows or
+    columns of a projection, in the layer with the fewest): a larger rank adds nothing the update
+    can hold, only parameters (rank 100000 on a 16-wide head wrote 410 MB)."""
+    widths = {}
+    for layer in heads.layers():
+        n_q = len(heads.heads_in(layer))
+        n_kv = len({h // ad.group_size() for h in heads.heads_in(layer)})
+        for t in targets:
+            widths[(layer, t)] = (n_q if t in ("q", "o") else n_kv) * ad.head_dim
+    if widths:
+        (layer, t), w = min(widths.items(), key=lambda x: x[1])
+        if rank > w:
+            raise HeadsteerError(f"--rank {rank} is more than the {w} {'columns' if t == 'o' else 'rows'} of {t}_proj that the "
+                                 f"LoRA may change in layer {layer} (its selected heads x head_dim {ad.head_dim}): use "
+                                 f"--rank {w} or less")
+
+
 def train_head_lora(model, processor, heads: HeadSet, dataset, steps: int = 300, targets=("q", "o"), rank: int = 4,
                     lr: float = 2e-3, batch_size: int = 16, seed: int = 0, adapter_dir=None, progress=None):
     """Train LoRA restricted to ``heads`` on ``dataset`` (loss on the answer's first token).
@@ -31,6 +49,7 @@ def train_head_lora(model, processor, heads: HeadSet, dataset, steps: int = 300,
     bad = set(targets) - set(TARGETS)
     if bad or not targets:
         raise HeadsteerError(f"LoRA targets must be among {', '.join(TARGETS)}; got {sorted(bad) or 'none'}")
+    check_rank(ad, heads, targets, rank)
     names = {id(m): n for n, m in model.named_modules()}
     modules = {}
     for l in heads.layers():

@@ -44,12 +44,14 @@ def check_metrics(metrics: str) -> tuple[str, ...]:
 
 
 def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
-    from headsteer import HeadSet, get_adapter, load
+    from headsteer import HeadSet, get_adapter
+    from headsteer.edit.checkpoint import load_edited
     from headsteer.edit.tasks import shifted
 
     from .benchmarks import load_benchmark
 
-    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    # an exported checkpoint's edit that is not in its weights is applied, never dropped
+    m, proc = load_edited(model, device=device, dtype=dtype, device_map=device_map)
     ad = get_adapter(m, proc)
     ds = shifted(load_benchmark(data, limit=limit, qtypes=None if qtype == "all" else tuple(qtype.split(","))), task)
     if len(ds) == 0:
@@ -60,7 +62,7 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     elif attribution:
         from headsteer.heads import top_heads as attributed  # the parameter top_heads is the --top-heads text
 
-        hs = attributed(attribution, 4, ad.num_layers, ad.num_heads)
+        hs = attributed(attribution, 4, ad.num_layers, ad.num_heads, model=m)
     return m, proc, ds, hs
 
 
@@ -119,7 +121,10 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
 
+    from headsteer.edit.tasks import check_task
+
     ms = check_metrics(metrics)
+    check_task(task)
     check_out(out)
     edit = EditManifest.load(edit_path) if edit_path else None  # a bad manifest fails before the model loads
     if edit is not None:
@@ -191,7 +196,10 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
     from headsteer.rundir import check_out
 
+    from headsteer.edit.tasks import check_task
+
     ms = check_metrics(metrics)
+    check_task(task)
     check_out(out)
     edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))  # bad manifests fail before the model loads
     for e in edits.values():

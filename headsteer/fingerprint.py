@@ -122,19 +122,18 @@ def same_weights(model, by_dtype: dict | None = None, exact: str | None = None, 
     tell. ``by_dtype``: the record's ``weights_by_dtype``; ``exact``/``exact_dtype``: a plain
     ``weights_fingerprint`` and the dtype it was taken in (older records hold only that).
 
-    With ``by_dtype`` the model is compared in its own dtype against the record cast to that
-    dtype. With only ``exact``: in the same dtype exactly; a model in a finer dtype than the
-    record's is cast down to it (fp32 holds bf16/fp16 exactly); a coarser one cannot be compared."""
+    Every part of the record that can be compared must agree: ``by_dtype`` in the model's own dtype
+    (the record cast to it), and ``exact`` in the same dtype, or cast down to it from a finer model
+    (fp32 holds bf16/fp16 exactly); a model coarser than ``exact_dtype`` cannot be compared with it."""
     mine = dtype_name(model)
+    verdicts = []
     if isinstance(by_dtype, dict) and by_dtype.get(mine):
-        return weights_fingerprint(model, cast=mine) == by_dtype[mine]
-    if not exact:
-        return None
-    if exact_dtype in (None, mine):
-        return weights_fingerprint(model) == exact
-    if mine == "float32" and exact_dtype in FLOAT_DTYPES:
-        return weights_fingerprint(model, cast=exact_dtype) == exact
-    return None
+        verdicts.append(weights_fingerprint(model, cast=mine) == by_dtype[mine])
+    if exact and exact_dtype in (None, mine):
+        verdicts.append(weights_fingerprint(model) == exact)
+    elif exact and mine == "float32" and exact_dtype in FLOAT_DTYPES:
+        verdicts.append(weights_fingerprint(model, cast=exact_dtype) == exact)
+    return None if not verdicts else all(verdicts)
 
 
 _CONFIG_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
