@@ -176,7 +176,9 @@ class Steer(EditKind):
         return [Path(out).parent / (Path(out).stem + ".tensors.safetensors")]
 
     def added(self, manifest, ad):
-        """float [L, H, head_dim]: what the edit adds to each head's output."""
+        """float [L, H, head_dim]: what the edit adds to each head's output. Only the manifest's heads
+        get their vectors: values the file holds for other heads are masked out (ignored), so the
+        heads the manifest names are the only ones the edit can change."""
         import torch
 
         L, H = ad.num_layers, ad.num_heads

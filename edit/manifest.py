@@ -3,9 +3,11 @@ LoRA, a tensor file beside it. Manifests round-trip: ``EditManifest.load(m.save(
 
 One schema (each kind's parameters, ``edit/kinds.py``, and ``EditManifest.validate``) checks every
 manifest, made in Python or read from a file: field types, finite numbers in range, heads syntax (their range against a model
-when applied), and file names confined to the manifest's folder. ``provenance.base_hash`` is an
-exact fingerprint of the weights the edit was made on (``headsteer.fingerprint``); applying it to
-other weights is refused unless asked for (``check_base``)."""
+when applied), and file names confined to the manifest's folder (after resolving symlinks).
+``provenance.base_hash`` is an exact fingerprint of the weights the edit was made on
+(``headsteer.fingerprint``) and ``provenance.base_hashes`` the same weights cast to each dtype a model
+is loaded in; applying the edit to other weights, in whatever dtype, is refused unless asked for
+(``check_base``)."""
 from __future__ import annotations
 
 import datetime as _dt

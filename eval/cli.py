@@ -116,12 +116,11 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
     from tqdm import tqdm
 
     from headsteer.edit import EditManifest
+    from headsteer.edit.tasks import check_task
     from headsteer.rundir import check_out
 
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
-
-    from headsteer.edit.tasks import check_task
 
     ms = check_metrics(metrics)
     check_task(task)
@@ -194,9 +193,8 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
     if not paths:
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
-    from headsteer.rundir import check_out
-
     from headsteer.edit.tasks import check_task
+    from headsteer.rundir import check_out
 
     ms = check_metrics(metrics)
     check_task(task)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import HeadsteerError
+from .paths import input_file, read_text
+
 _CHUNK = 1 << 22  # elements per step: bounds the int64 temporaries to a few tens of MB
 
 
@@ -191,10 +194,15 @@ def edit_fingerprint(edit) -> str | None:
         from safetensors.torch import load_file
 
         path = Path(edit)
-        d = json.loads(path.read_text())
+        d = json.loads(read_text(path, "edit manifest"))
         body = {k: d.get(k) for k in ("kind", "heads", "params")}
         body["baked"] = bool(d.get("baked", False))
-        tensors = load_file(str(path.parent / d["tensors"])) if d.get("tensors") else {}
+        tensors = {}
+        if d.get("tensors"):
+            tp = (path.parent / str(d["tensors"])).resolve()
+            if path.parent.resolve() not in tp.parents:  # as EditManifest.load: only files beside the manifest
+                raise HeadsteerError(f"{path}: tensors {d['tensors']!r} is outside the manifest's folder")
+            tensors = load_file(str(input_file(tp, "the edit's tensors file")))
     else:
         body = {"kind": edit.kind, "heads": edit.heads, "params": edit.params, "baked": bool(getattr(edit, "baked", False))}
         tensors = getattr(edit, "tensor_data", None) or {}

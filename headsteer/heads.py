@@ -321,7 +321,7 @@ def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | N
 def _resolved_rate(run_dir, rate) -> float:
     """The rate a --rate value names (a regime word resolves to the run's rate for it)."""
     if isinstance(rate, str) and rate.strip().lower() in REGIME_WORDS:
-        data = json.loads((Path(run_dir) / "heads.json").read_text())
+        data = json.loads(read_text(Path(run_dir) / "heads.json", "heads.json"))
         return float(data["regimes"][REGIME_WORDS[rate.strip().lower()]]["alpha"])
     return float(rate)
 

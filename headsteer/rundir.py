@@ -22,6 +22,7 @@ from .files import write_json
 from .fingerprint import config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint, weights_fingerprint
 from .intervention import installed_labels
 from .parallel import on_main_process
+from .paths import read_text
 
 RUN_FILE = "run.json"
 FORMAT = "headsteer-run-1"
@@ -92,8 +93,8 @@ class RunDir:
 
 def _read_record(folder: Path) -> dict | None:
     try:
-        rec = json.loads((folder / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        rec = json.loads(read_text(folder / RUN_FILE, "run record"))
+    except (OSError, ValueError):  # HeadsteerError (a pipe, a loop ...) is a ValueError: not a run record
         return None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT or "hash" not in rec:
         return None

@@ -248,7 +248,7 @@ def _red():
 def test_export_under_a_file_size_limit_leaves_nothing_and_says_so(tmp_path):
     """RLIMIT_FSIZE below the weights' size: the write fails (EFBIG; Python ignores SIGXFSZ)."""
     (tmp_path / "e.json").write_text(json.dumps({"kind": "scale", "heads": "L0H0", "params": {"factor": 0.0}}))
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
         from headsteer.cli import main

@@ -9,7 +9,6 @@ import base64
 import copy
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
