@@ -116,10 +116,14 @@ def _inside(folder: Path, name: str) -> Path | None:
     return target if target != root and root in target.parents else None
 
 
-def _remove_written(folder: Path, rec: dict):
+def _remove_written(folder: Path, rec: dict, allowed=None):
     """Delete what the run recorded as its own (recursing into sub-runs), its temporary files, and
-    its run.json; anything else in the folder stays."""
+    its run.json; anything else in the folder stays. ``allowed``: the names the command replacing it
+    writes — a record is a file anyone can write, so only those names are deleted even when it lists
+    others (a run.json copied or written beside a user's files cannot make --force delete them)."""
     for name in rec.get("written", []):
+        if allowed is not None and name not in allowed:
+            continue
         target = _inside(folder, name)
         if target is None:
             continue
@@ -222,16 +226,18 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
             if written != rec.get("written"):
                 write_json(folder / RUN_FILE, {**rec, "written": written})
             return True
+        old = rec.get("identity", {}) if isinstance(rec.get("identity"), dict) else {}
+        if old.get("command") != identity.get("command"):
+            # --force replaces a run of its own command only: it deletes only names that command writes
+            raise HeadsteerError(f"{folder} holds a `headsteer {old.get('command')}` run, not a `headsteer "
+                                 f"{identity.get('command')}` one: choose another --out (--force replaces only a run of "
+                                 "the same command)")
         if not force:
-            old = rec.get("identity", {})
-            if old.get("command") != identity.get("command"):
-                what = f"command: it is a `headsteer {old.get('command')}` run"
-            else:
-                diff = _differences(old, identity)
-                what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
+            diff = _differences(old, identity)
+            what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
             raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
                                  "over or choose another --out")
-        _remove_written(folder, rec)
+        _remove_written(folder, rec, allowed=set(outputs))
     write_json(folder / RUN_FILE, {"format": FORMAT, "identity": identity, "hash": h, "info": info,
                                    "written": sorted(set(outputs))})
     return False

@@ -273,3 +273,21 @@ def test_a_write_error_in_a_tensors_file_is_an_os_error(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="StorageFull"):
         save_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_record_beside_users_files_deletes_none_of_them(tmp_path):
+    from headsteer.rundir import open_run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    forged = {"format": "headsteer-run-1", "hash": "0" * 64, "identity": {"command": "eval"},
+              "written": ["thesis.tex", "rows.jsonl"]}
+    (folder / "run.json").write_text(json.dumps(forged))
+    (folder / "rows.jsonl").write_text("old rows\n")
+    open_run(folder, {"command": "eval", "settings": {}}, force=True, outputs=["rows.jsonl"])
+    assert (folder / "thesis.tex").read_text() == "years of work" and not (folder / "rows.jsonl").exists()
+    (folder / "run.json").write_text(json.dumps({**forged, "identity": {"command": "attribute"}}))
+    with pytest.raises(HeadsteerError, match="same command"):
+        open_run(folder, {"command": "eval", "settings": {}}, force=True, outputs=["thesis.tex"])
+    assert (folder / "thesis.tex").exists()
