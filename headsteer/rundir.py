@@ -116,6 +116,11 @@ def _inside(folder: Path, name: str) -> Path | None:
     return target if target != root and root in target.parents else None
 
 
+def _consistent(rec: dict) -> bool:
+    """True for a run.json as ``open_run`` writes it: its hash is the hash of its identity."""
+    return isinstance(rec.get("identity"), dict) and rec.get("hash") == identity_hash(rec["identity"])
+
+
 def _remove_written(folder: Path, rec: dict, allowed=None):
     """Delete what the run recorded as its own (recursing into sub-runs), its temporary files, and
     its run.json; anything else in the folder stays. ``allowed``: the names the command replacing it
@@ -226,18 +231,18 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
             if written != rec.get("written"):
                 write_json(folder / RUN_FILE, {**rec, "written": written})
             return True
-        old = rec.get("identity", {}) if isinstance(rec.get("identity"), dict) else {}
-        if old.get("command") != identity.get("command"):
-            # --force replaces a run of its own command only: it deletes only names that command writes
-            raise HeadsteerError(f"{folder} holds a `headsteer {old.get('command')}` run, not a `headsteer "
-                                 f"{identity.get('command')}` one: choose another --out (--force replaces only a run of "
-                                 "the same command)")
         if not force:
-            diff = _differences(old, identity)
-            what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
+            old = rec.get("identity", {})
+            if old.get("command") != identity.get("command"):
+                what = f"command: it is a `headsteer {old.get('command')}` run"
+            else:
+                diff = _differences(old, identity)
+                what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
             raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
                                  "over or choose another --out")
-        _remove_written(folder, rec, allowed=set(outputs))
+        # a record whose hash is not its identity's was not written by open_run: it may list any file,
+        # so only the names this run writes itself are deleted
+        _remove_written(folder, rec, allowed=None if _consistent(rec) else set(outputs))
     write_json(folder / RUN_FILE, {"format": FORMAT, "identity": identity, "hash": h, "info": info,
                                    "written": sorted(set(outputs))})
     return False

@@ -287,7 +287,7 @@ def test_a_run_record_beside_users_files_deletes_none_of_them(tmp_path):
     (folder / "rows.jsonl").write_text("old rows\n")
     open_run(folder, {"command": "eval", "settings": {}}, force=True, outputs=["rows.jsonl"])
     assert (folder / "thesis.tex").read_text() == "years of work" and not (folder / "rows.jsonl").exists()
-    (folder / "run.json").write_text(json.dumps({**forged, "identity": {"command": "attribute"}}))
-    with pytest.raises(HeadsteerError, match="same command"):
-        open_run(folder, {"command": "eval", "settings": {}}, force=True, outputs=["thesis.tex"])
-    assert (folder / "thesis.tex").exists()
+    # a record as open_run writes it (its hash is its identity's) is trusted: its own files go, the user's stay
+    (folder / "rows.jsonl").write_text("rows\n")
+    open_run(folder, {"command": "eval", "settings": {"a": 2}}, force=True, outputs=["rows.jsonl"])
+    assert sorted(p.name for p in folder.iterdir()) == ["headsteer.log", "run.json", "thesis.tex"]
