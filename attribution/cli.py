@@ -31,7 +31,8 @@ from headsteer.parallel import process_shard
 @click.option("--min-gap", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="curves leave out images whose s(clean) - s(all ablated) is below this share of the median")
 @click.option("--no-compare", is_flag=True, help="skip single-head / attention baselines and the curves")
-@click.option("--seed", default=0, show_default=True, help="seed of the random masks and random rankings")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="seed of the random masks and random rankings")
 @click.option("--out", default="runs/attribute", show_default=True,
               help="output directory (a rerun of the same model, data and settings resumes)")
 @force_opt

@@ -54,6 +54,8 @@ def fast_path_refusal(ad, input_ids=None) -> str | None:
 def check_masks(masks, ad) -> torch.Tensor:
     """bool [M, L, H] on the host (True = ablated)."""
     masks = torch.as_tensor(masks)
+    if masks.numel() == 0:
+        raise HeadsteerError("masks holds no mask (M = 0): give at least one, bool [M, layers, heads]")
     if masks.is_floating_point():
         raise HeadsteerError("masks must be bool (True = ablated); got floats — threshold them, e.g. masks > 0.5")
     masks = masks.bool().cpu()

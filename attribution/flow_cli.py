@@ -20,7 +20,8 @@ def heads_option_value(heads, from_attribution, top_k, ad):
 
     if not heads and not from_attribution:
         return None
-    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads)[0]
+    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads,
+                        model=ad.model)[0]
 
 
 def plot_flow(out: Path, flow: dict):

@@ -12,6 +12,7 @@ from headsteer.adapters import get_adapter
 from headsteer.baseline import as_baseline
 from headsteer.data import data_origin
 from headsteer.errors import HeadsteerError
+from headsteer.heads import model_record
 from headsteer.parallel import process_shard
 
 from . import html_report, report
@@ -129,6 +130,7 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
                                           [colors[i] for i in keep])
     rates = rate_tables(agg, names, top_frac)
     extra = {"held_out": held_out, "primary_alpha": settings.rates[0], "rates": rates,
+             "model": model_record(model, L, H),  # what an edit --from-attribution checks it is applied to
              "layer_profile": rates[0]["layer_profile"],
              **({"attention_correlation": rates[0]["attention_correlation"]} if "attention_correlation" in rates[0] else {}),
              **({"regimes": regimes} if regimes else {})}

@@ -12,6 +12,7 @@ import torch
 
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, save_safetensors, write_json, write_text
+from headsteer.paths import read_text
 
 from .regression import fit_correlation
 from .run import ranked_heads
@@ -90,8 +91,8 @@ def read_ranking(run_dir, alpha=None) -> list[str]:
     """Heads of an attribution run, best first (the primary rate's, or ``alpha``'s)."""
     path = Path(run_dir) / "heads.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_text(path, "heads.json"))
+    except (OSError, ValueError):  # HeadsteerError too: a pipe or a loop is no heads.json
         raise HeadsteerError(f"{run_dir} has no readable heads.json: give the --out of `headsteer attribute`") from None
     if alpha is None:
         return [r["head"] for r in data["heads"]]

@@ -45,6 +45,8 @@ class Settings:
             raise HeadsteerError(f"--masks must be at least 4 (masks per image and rate: the regression holds 2 out); got {self.masks}")
         if self.n_random < 0:
             raise HeadsteerError(f"--n-random must be 0 or more; got {self.n_random}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise HeadsteerError(f"--seed must be a whole number from 0 to 2**32 - 1; got {self.seed!r}")
         if self.statistic not in STATISTICS:
             raise HeadsteerError(f"unknown statistic {self.statistic!r}: use one of {', '.join(STATISTICS)}")
 

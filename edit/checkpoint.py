@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+import headsteer.loading
 from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
-from headsteer.files import umask
-from headsteer.loading import load
+from headsteer.files import save_safetensors, umask
 
-from .apply import install_edit
+from .apply import install_edit, refuse_baked
 from .kinds import KINDS
 from .manifest import EditManifest
 
 MANIFEST_NAME = "headsteer_edit.json"
+log = logging.getLogger("headsteer")
 
 
 def baked_weights(model, manifest, ad):
@@ -47,31 +53,103 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _own_checkpoint(folder: Path) -> dict | None:
-    """The manifest of a checkpoint headsteer exported to ``folder``, or None."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(folder: Path, skip=()) -> dict:
+    """{relative path: {"size", "sha256"}} of every file under ``folder`` (a checkpoint being written)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in skip:
+            out[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return out
+
+
+def ownership(folder: Path) -> tuple[dict | None, str]:
+    """(manifest, "") if ``folder`` is a checkpoint headsteer exported and nothing has changed in it
+    since: its manifest lists every file the export wrote with its size and SHA-256
+    (``provenance.checkpoint_files``), each is there unchanged (a regular file, no symlink), and the
+    folder holds nothing else. Otherwise (None, why not). A bare manifest beside a user's files
+    proves nothing: only this record lets ``--force`` delete anything."""
+    mp = folder / MANIFEST_NAME
     try:
-        d = json.loads((folder / MANIFEST_NAME).read_text())
+        if not stat.S_ISREG(os.lstat(mp).st_mode):
+            return None, f"no {MANIFEST_NAME}"
+        d = json.loads(mp.read_text())
     except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) and d.get("kind") in KINDS and "heads" in d else None
+        return None, f"no readable {MANIFEST_NAME}"
+    if not isinstance(d, dict) or d.get("kind") not in KINDS or "heads" not in d:
+        return None, f"its {MANIFEST_NAME} is not an edit manifest"
+    listed = d.get("provenance", {}).get("checkpoint_files") if isinstance(d.get("provenance"), dict) else None
+    if not isinstance(listed, dict) or not listed:
+        return None, (f"its {MANIFEST_NAME} does not list the files the export wrote with their hashes (a manifest "
+                      "alone is no proof; checkpoints exported before headsteer recorded them are not replaced)")
+    root = folder.resolve()
+    for rel, rec in listed.items():
+        p = folder / rel
+        if (not isinstance(rel, str) or not isinstance(rec, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts
+                or rel == MANIFEST_NAME):
+            return None, f"its {MANIFEST_NAME} lists {rel!r}, which is not a file of the checkpoint"
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return None, f"{rel}, which the export wrote, is missing"
+        if not stat.S_ISREG(st.st_mode) or root not in p.resolve().parents:
+            return None, f"{rel} is not the regular file the export wrote"
+        if st.st_size != rec.get("size") or _sha256(p) != rec.get("sha256"):
+            return None, f"{rel} was changed since the export wrote it"
+    present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if not q.is_dir() or q.is_symlink()}
+    extra = sorted(present - set(listed) - {MANIFEST_NAME})
+    if extra:
+        return None, f"it holds files the export did not write ({', '.join(extra[:5])})"
+    return d, ""
+
+
+def _own_checkpoint(folder: Path) -> dict | None:
+    """The manifest of a checkpoint headsteer exported to ``folder`` and nobody changed since, or None."""
+    return ownership(folder)[0]
+
+
+def _remove_owned(folder: Path, manifest: dict) -> bool:
+    """Delete the files ``manifest`` lists (and it), then the folders they leave empty; True when
+    ``folder`` itself is gone. Anything else that appeared there stays."""
+    for rel in [*manifest["provenance"]["checkpoint_files"], MANIFEST_NAME]:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / rel).unlink()
+    for d in sorted((q for q in folder.rglob("*") if q.is_dir() and not q.is_symlink()), key=lambda q: -len(q.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("%s: kept, it holds files headsteer did not write", folder)
+        return False
+    return True
 
 
 def _clean_stale(out: Path):
     """Temporary folders of exports to ``out`` that were killed (their process is gone): a half-written
     new checkpoint is deleted; a replaced old one is put back if ``out`` is missing, else deleted.
-    Only folders with headsteer's names and marks are touched."""
+    Only folders with headsteer's names and marks are touched, and of a replaced checkpoint only the
+    files its record lists."""
     for d in out.parent.glob(glob.escape(f".{out.name}") + ".headsteer-*-*"):
         kind = _TMP if d.name.startswith(f".{out.name}{_TMP}") else _OLD if d.name.startswith(f".{out.name}{_OLD}") else None
         pid = d.name[len(f".{out.name}") + len(kind or ""):].split("-", 1)[0] if kind else ""
         if not kind or not pid.isdigit() or not d.is_dir() or d.is_symlink() or _pid_alive(int(pid)):
             continue
-        if kind == _TMP and ((d / _MARK).exists() or _own_checkpoint(d) is not None):
+        if kind == _TMP and (d / _MARK).exists():
             shutil.rmtree(d, ignore_errors=True)
-        elif kind == _OLD and _own_checkpoint(d) is not None:
-            if not out.exists():
+        elif (owned := _own_checkpoint(d)) is not None:
+            if kind == _OLD and not out.exists():
                 os.rename(d, out)  # the kill came between the two renames of a replacement
             else:
-                shutil.rmtree(d, ignore_errors=True)
+                _remove_owned(d, owned)
 
 
 def _check_out(out: Path, force: bool) -> bool:
@@ -84,18 +162,15 @@ def _check_out(out: Path, force: bool) -> bool:
         raise HeadsteerError(f"--out {out} is a file, not a folder: choose another --out")
     if not out.exists() or not any(out.iterdir()):
         return False
-    old = _own_checkpoint(out)
-    if old is None:
+    if not (out / MANIFEST_NAME).exists():
         raise HeadsteerError(f"--out {out} is not empty and is not a checkpoint exported by headsteer (no "
                              f"{MANIFEST_NAME}): choose another --out (headsteer never deletes it, even with --force)")
     if not force:
         raise HeadsteerError(f"--out {out} holds an exported checkpoint: pass --force to replace it or choose another --out")
-    listed = old.get("provenance", {}).get("checkpoint_files") if isinstance(old.get("provenance"), dict) else None
-    if isinstance(listed, list):
-        extra = sorted(set(p.name for p in out.iterdir()) - set(listed))
-        if extra:
-            raise HeadsteerError(f"--out {out} holds files the export did not write ({', '.join(extra[:5])}): move them "
-                                 "away or choose another --out; --force replaces only what headsteer wrote")
+    owned, why = ownership(out)
+    if owned is None:
+        raise HeadsteerError(f"--out {out} is not (or no longer) exactly a checkpoint headsteer exported: {why}; "
+                             "--force replaces only what headsteer wrote: move your files away or choose another --out")
     return True
 
 
@@ -114,6 +189,7 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
     """
     ad = get_adapter(model, processor)
     manifest.validate()
+    refuse_baked(manifest)  # its tensors were not kept: exporting it onto these weights would drop the edit
     manifest.headset(ad)
     manifest.check_base(model, allow_other_model=allow_other_model)
     out = Path(out_dir)
@@ -138,7 +214,7 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
         if processor is not None:
             processor.save_pretrained(tmp)
         if adapter is not None and adapter.is_dir():
-            shutil.copytree(adapter, tmp / "lora_adapter", symlinks=True)
+            shutil.copytree(adapter, tmp / "lora_adapter")  # file contents: a link would point outside the checkpoint
         saved = EditManifest(kind=manifest.kind, heads=manifest.heads, params=dict(manifest.params),
                              provenance=dict(manifest.provenance), baked=baked)
         if adapter is not None:
@@ -146,22 +222,32 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
         if not baked and manifest.tensor_data:
             saved.with_tensors(manifest.tensor_data)
             saved.tensors = Path(MANIFEST_NAME).stem + ".tensors.safetensors"
-        names = {p.name for p in tmp.iterdir()} - {_MARK}
-        saved.provenance["checkpoint_files"] = sorted(names | {MANIFEST_NAME} | ({saved.tensors} if saved.tensors else set()))
+        if saved.tensors:
+            save_safetensors(saved.tensor_data, tmp / saved.tensors)
+        # every file written, with its size and hash: the record that lets --force replace this folder later
+        saved.provenance["checkpoint_files"] = file_record(tmp, skip={_MARK, MANIFEST_NAME})
+        saved._tensors = None  # written above, listed in the record
         saved.save(tmp / MANIFEST_NAME)
         _umask_permissions(tmp)
         (tmp / _MARK).unlink()
         if replace:
+            old_manifest, why = ownership(out)  # again: nothing may have appeared since the first check
+            if old_manifest is None:
+                raise HeadsteerError(f"--out {out} changed during the export: {why}; nothing was replaced")
             old = out.parent / f".{out.name}{_OLD}{os.getpid()}-{secrets.token_hex(3)}"
             os.rename(out, old)
             os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_owned(old, old_manifest)
         else:
             if out.exists():
                 out.rmdir()  # an empty folder
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, HeadsteerError):
+            why = " ".join(str(getattr(e, "strerror", None) or e).split())[:120]
+            raise HeadsteerError(f"cannot write the checkpoint to {out}: {why} (disk full or a file-size limit?); nothing "
+                                 "was written, and what was there is unchanged") from None
         raise
     return {"baked": baked, "path": str(out)}
 
@@ -176,9 +262,11 @@ def _umask_permissions(folder: Path):
 
 
 def load_edited(path, allow_other_model: bool = False, **load_kwargs):
-    """Load an exported checkpoint; edits that are not in its weights are re-applied (installed)."""
-    model, processor = load(path, **load_kwargs)
-    mp = Path(path) / MANIFEST_NAME
+    """Load a checkpoint; an exported one's edit that is not in its weights is re-applied (installed),
+    so the model answers as the export's edit says (any other checkpoint loads as ``headsteer.load``)."""
+    # through the module: callers that replace headsteer.loading.load (a cache in tests) are honoured
+    model, processor = headsteer.loading.load(path, allow_saved_edit=True, **load_kwargs)
+    mp = headsteer.loading.resolve_model_path(path) / MANIFEST_NAME
     if mp.exists():
         manifest = EditManifest.load(mp)
         if not manifest.baked:

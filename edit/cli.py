@@ -18,7 +18,8 @@ def resolve_heads(ad, heads, from_attribution, top_k, seed=0, rate=None):
     """--heads, --from-attribution DIR --top-k K [--rate R] (see ``headsteer.heads.select_heads``)."""
     from headsteer.heads import select_heads
 
-    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads, seed=seed, rate=rate)
+    return select_heads(heads, from_attribution, top_k, num_layers=ad.num_layers, num_heads=ad.num_heads, seed=seed, rate=rate,
+                        model=ad.model)
 
 
 def heads_options(f):
@@ -29,7 +30,8 @@ def heads_options(f):
                           "0.1,0.5,0.9), or keep-only / removal for the rate the run found best for it")(f)
     f = click.option("--top-k", default=4, show_default=True, type=click.IntRange(min=1),
                      help="with --from-attribution: take its top K heads (1 to the heads it ranked)")(f)
-    f = click.option("--seed", default=0, show_default=True, type=int, help="random seed (random:K heads, LoRA training)")(f)
+    f = click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+                     help="random seed (random:K heads, LoRA training)")(f)
     f = click.option("--out", "out", required=True, help="edit manifest to write (JSON); an existing one needs --force")(f)
     f = click.option("--force", is_flag=True, help="replace an existing --out manifest (and its tensors)")(f)
     return load_options(f)
@@ -47,17 +49,30 @@ def _check_out(out, force, extra=()):
             if not parent.is_dir():
                 raise HeadsteerError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
             break
-    existing = [q for q in (p, *extra) if q.exists()]
+    existing = [q for q in (p, *extra) if q.exists() or q.is_symlink()]
     if existing and not force:
         raise HeadsteerError(f"{existing[0]} exists: pass --force to replace it or choose another --out")
+    old = None
     if existing and p.exists():
         from .manifest import EditManifest
 
         try:
-            EditManifest.load(p)
+            old = EditManifest.load(p)
         except HeadsteerError:
             raise HeadsteerError(f"{out} exists and is not an edit manifest: headsteer does not replace it, even with "
                                  "--force; choose another --out") from None
+    # the files beside the manifest are replaced only where that manifest names them as its own
+    named = set()
+    if old is not None:
+        named = {old.tensors, Path(str(old.params.get("adapter_dir") or "")).name} - {None, ""}
+    for q in existing[1:] if existing and existing[0] == p else existing:
+        if q.name not in named:
+            raise HeadsteerError(f"{q} exists and no edit manifest at {out} names it as its own: headsteer does not replace "
+                                 "it, even with --force; move it or choose another --out")
+        if q.is_dir():
+            from .kinds import check_peft_folder
+
+            check_peft_folder(q)
 
 
 def _write(model, kind, heads, attrib, params, out, tensors=None):
@@ -87,10 +102,14 @@ def _kind_command(kind):
     def run(model, device, dtype, device_map, heads, from_attribution, rate, top_k, seed, out, force, **options):
         from headsteer import get_adapter, load
 
+        from .tasks import check_task
+
         _check_out(out, force, kind.output_files(out))
         kind.check(out=out, **options)
+        check_task(options.get("task"))  # before the model loads
         m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
         hs, attrib = resolve_heads(get_adapter(m, proc), heads, from_attribution, top_k, seed, rate)
+        kind.check_options(m, proc, hs, **options)
         with progress_bar(options.get("steps"), kind.name, "step") as bar:
             params, tensors = kind.make(m, proc, hs, out=out, seed=seed, progress=bar.update, **options)
         _write(m, kind.name, hs, attrib, params, out, tensors)

@@ -72,6 +72,9 @@ class EditKind:
         """Files ``headsteer edit <kind> --out OUT`` writes besides OUT (what --force may replace)."""
         return []
 
+    def check_options(self, model, processor, heads, **options) -> None:
+        """Refuse bad options in one line before ``make`` starts its work (and its progress bar)."""
+
     def make(self, model, processor, heads, *, out, seed: int = 0, progress=None, **options) -> tuple[dict, dict | None]:
         """The manifest's (params, tensors) from the command's options (``out``: the manifest's path,
         ``seed``: the command's --seed, ``progress``: called with the steps done, for a progress bar)."""
@@ -176,7 +179,9 @@ class Steer(EditKind):
         return [Path(out).parent / (Path(out).stem + ".tensors.safetensors")]
 
     def added(self, manifest, ad):
-        """float [L, H, head_dim]: what the edit adds to each head's output."""
+        """float [L, H, head_dim]: what the edit adds to each head's output. Only the manifest's heads
+        get their vectors: values the file holds for other heads are masked out (ignored), so the
+        heads the manifest names are the only ones the edit can change."""
         import torch
 
         L, H = ad.num_layers, ad.num_heads
@@ -263,28 +268,60 @@ class Lora(EditKind):
     def weights(self, manifest, model, ad):
         from .apply import lora_deltas, weights_added
 
-        return weights_added(model, lora_deltas(manifest, model))
+        return weights_added(model, lora_deltas(manifest, model, ad))
+
+    def check_options(self, model, processor, heads, *, targets, rank, task=None, **_):
+        from headsteer.adapters import get_adapter
+
+        from .lora import check_rank
+        from .tasks import check_task
+
+        if set(targets.split(",")) - set("qkvo"):
+            raise HeadsteerError(f"--targets takes q, k, v, o (comma-separated); got {targets!r}")
+        check_task(task)
+        check_rank(get_adapter(model, processor), heads, tuple(targets.split(",")), rank)
 
     def make(self, model, processor, heads, *, data, task, steps, targets, rank, lr, batch_size, limit, out, seed=0, progress=None,
              **_):
-        import shutil
-
         from headsteer.data import load_data
 
         from .lora import train_head_lora
         from .tasks import shifted
 
-        self.check(targets=targets, out=out)
+        self.check_options(model, processor, heads, targets=targets, rank=rank, task=task)
         adapter_dir = adapter_dir_of(out)
         ds = shifted(load_data(data, limit=limit), task)
         if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
+            remove_peft_folder(adapter_dir)
         tensors, params = train_head_lora(model, processor, heads, ds, steps=steps, targets=tuple(targets.split(",")), rank=rank,
                                           lr=lr, batch_size=batch_size, seed=seed, adapter_dir=adapter_dir, progress=progress)
         params["adapter_dir"] = adapter_dir.name  # relative to the manifest's folder (the only place it may be)
         params["task"] = task
         params["data"] = data
         return params, tensors
+
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")  # what PEFT's save_pretrained writes
+
+
+def check_peft_folder(folder):
+    """A LoRA adapter folder that ``--force`` may replace holds only the files PEFT writes."""
+    from pathlib import Path
+
+    other = sorted(p.name for p in Path(folder).iterdir() if p.name not in PEFT_FILES or not p.is_file() or p.is_symlink())
+    if other:
+        raise HeadsteerError(f"{folder} holds files PEFT did not write ({', '.join(other[:3])}): headsteer does not replace "
+                             "it, even with --force; move them or choose another --out")
+
+
+def remove_peft_folder(folder):
+    """Delete a LoRA adapter folder headsteer wrote (PEFT's files only; anything else refuses)."""
+    from pathlib import Path
+
+    check_peft_folder(folder)
+    for name in PEFT_FILES:
+        (Path(folder) / name).unlink(missing_ok=True)
+    Path(folder).rmdir()
 
 
 def adapter_dir_of(out):

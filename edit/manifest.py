@@ -3,15 +3,18 @@ LoRA, a tensor file beside it. Manifests round-trip: ``EditManifest.load(m.save(
 
 One schema (each kind's parameters, ``edit/kinds.py``, and ``EditManifest.validate``) checks every
 manifest, made in Python or read from a file: field types, finite numbers in range, heads syntax (their range against a model
-when applied), and file names confined to the manifest's folder. ``provenance.base_hash`` is an
-exact fingerprint of the weights the edit was made on (``headsteer.fingerprint``); applying it to
-other weights is refused unless asked for (``check_base``)."""
+when applied), and file names confined to the manifest's folder (after resolving symlinks).
+``provenance.base_hash`` is an exact fingerprint of the weights the edit was made on
+(``headsteer.fingerprint``) and ``provenance.base_hashes`` the same weights cast to each dtype a model
+is loaded in; applying the edit to other weights, in whatever dtype, is refused unless asked for
+(``check_base``)."""
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +23,9 @@ from safetensors.torch import load_file
 from headsteer import __version__
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_safetensors, write_json
-from headsteer.fingerprint import weights_fingerprint
+from headsteer.fingerprint import dtype_name, same_weights, weights_by_dtype, weights_fingerprint
 from headsteer.heads import HeadSet
+from headsteer.paths import input_dir, input_file, read_text
 
 from .kinds import KINDS
 
@@ -47,9 +51,28 @@ def confined(base: Path, name, where="", what="path") -> Path:
     root = base.resolve()
     target = (p if p.is_absolute() else root / p).resolve()
     if target == root or root not in target.parents:
-        raise _bad(where, f"{what} {name!r} is outside the manifest's folder {root}: an edit may only name files "
+        link = " (through a symlink)" if (root / p).resolve() != root / p and not p.is_absolute() else ""
+        raise _bad(where, f"{what} {name!r} is outside the manifest's folder {root}{link}: an edit may only name files "
                    "beside it; move them there and give the name relative to the manifest")
     return target
+
+
+def confined_tree(folder: Path, where="", what="folder") -> Path:
+    """``folder`` if every entry below it is a regular file or a folder that resolves inside it (no
+    symlink out, no pipe or device): a LoRA adapter folder is copied into exported checkpoints."""
+    root = input_dir(folder, what).resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            try:
+                target = p.resolve(strict=True)
+            except (OSError, RuntimeError):
+                raise _bad(where, f"{what} holds {p}, a broken symlink or a symlink loop: remove it") from None
+            if root not in target.parents:
+                raise _bad(where, f"{what} holds {p}, a symlink to {target} outside it: an edit may only hold its own files")
+            if name in filenames:
+                input_file(p, f"{what} entry")
+    return root
 
 
 @dataclass
@@ -132,13 +155,11 @@ class EditManifest:
         path = Path(path)
         if path.is_dir():
             path = path / "headsteer_edit.json"
+        if not path.exists() and not path.is_symlink():
+            raise HeadsteerError(f"edit manifest not found: {path}")
         try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise HeadsteerError(f"edit manifest not found: {path}") from None
-        except IsADirectoryError:
-            raise HeadsteerError(f"{path} is a folder, not an edit manifest") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            d = json.loads(read_text(path, "edit manifest"))
+        except json.JSONDecodeError as e:
             raise HeadsteerError(f"{path} is not a valid edit manifest (JSON error: {e})") from None
         if not isinstance(d, dict):
             raise HeadsteerError(f"{path} is not an edit manifest: it holds a JSON {type(d).__name__}, not an object with "
@@ -154,7 +175,8 @@ class EditManifest:
             if m.params.get(name) is not None:
                 confined(path.parent, m.params[name], str(path), f"params.{name}")
         if m.tensors:
-            tp = path.parent / m.tensors
+            # resolved and checked: a tensors file that is a symlink out of the folder is refused
+            tp = input_file(confined(path.parent, m.tensors, str(path), "tensors"), "the edit's tensors file")
             try:
                 m._tensors = load_file(str(tp))
             except Exception as e:
@@ -171,35 +193,14 @@ class EditManifest:
         if src is None:  # made in this process (train_head_lora's folder), not read from a file
             return Path(name)
         try:
-            return confined(src.parent, name, str(src), "params.adapter_dir")
+            p = confined(src.parent, name, str(src), "params.adapter_dir")
         except HeadsteerError:
             # older manifests recorded the folder as given on the command line (relative to the
             # working directory); accepted only where that is inside the manifest's folder too
             p = Path(name).expanduser().resolve()
-            if src.parent.resolve() in p.parents:
-                return p
-            raise
-
-    def check_not_baked_on_base(self, model) -> None:
-        """Applying a baked manifest (an exported checkpoint's: its weights carry the edit) changes
-        nothing; on the unedited weights it was made on that would silently give the unedited model's
-        numbers, so it is refused there."""
-        base = self.provenance.get("base_hash")
-        if self.baked and base and self._base_fingerprint(model) == base:
-            raise HeadsteerError("this manifest is an exported checkpoint's (baked: its weights carry the edit) and this "
-                                 "model has the unedited weights it was made on, where applying it changes nothing: apply "
-                                 "the edit manifest you exported (headsteer edit --out), or evaluate the checkpoint itself "
-                                 "(--model CHECKPOINT)")
-
-    def _base_fingerprint(self, model) -> str | None:
-        """This model's fingerprint in the kind of ``provenance.base_hash`` (None where an exact
-        hash cannot tell: another precision of possibly the same weights)."""
-        exact = self.provenance.get("base_hash_kind") == EXACT_HASH
-        p = next(model.parameters(), None)
-        dtype = str(p.dtype).replace("torch.", "") if p is not None else None
-        if exact and self.provenance.get("base_dtype") not in (None, dtype):
-            return None
-        return weights_fingerprint(model) if exact else sampled_fingerprint(model)
+            if src.parent.resolve() not in p.parents:
+                raise
+        return confined_tree(p, str(src), "the LoRA adapter folder") if p.exists() else p
 
     def check_base(self, model, allow_other_model: bool = False) -> None:
         """Refuse weights other than those the edit was made on (``provenance.base_hash``), unless
@@ -208,14 +209,22 @@ class EditManifest:
         base = self.provenance.get("base_hash")
         if not base or self.baked or self.allow_other_model or allow_other_model:
             return
-        now = self._base_fingerprint(model)
-        if now is None:
-            return  # other precision of (possibly) the same weights: an exact hash cannot tell; not refused
-        if now != base:
-            made = self.provenance.get("base_model") or "another model"
+        prov = self.provenance
+        if prov.get("base_hash_kind") == EXACT_HASH:
+            # base_hashes: the base cast to each dtype, so weights loaded in another dtype compare too
+            same = same_weights(model, prov.get("base_hashes"), base, prov.get("base_dtype"))
+        else:
+            same = sampled_fingerprint(model) == base
+        mine = dtype_name(model)
+        if same is None:
+            raise HeadsteerError(f"this edit records its base weights in {prov.get('base_dtype')} only (made by an older "
+                                 f"headsteer), which cannot be compared with this model's {mine}: apply it under --dtype "
+                                 f"{prov.get('base_dtype')}, remake it with `headsteer edit`, or pass --allow-other-model")
+        if not same:
+            made = prov.get("base_model") or "another model"
             raise HeadsteerError(f"this edit was made on other weights ({made}; base_hash {base[:12]}…, this model "
-                                 f"{now[:12]}…): apply it to that model, or pass --allow-other-model "
-                                 "(allow_other_model=True) to apply it anyway")
+                                 f"{weights_fingerprint(model)[:12]}… in {mine}): apply it to that model, or pass "
+                                 "--allow-other-model (allow_other_model=True) to apply it anyway")
 
 
 def load_manifest(path) -> EditManifest:
@@ -238,12 +247,13 @@ model_fingerprint = sampled_fingerprint  # the old name
 
 
 def provenance(model, attribution: str | None = None, top_k: int | None = None, **extra) -> dict:
-    p0 = next(model.parameters(), None)
     p = {
         "base_model": str(getattr(model, "name_or_path", "") or model.config._name_or_path),
         "base_hash": weights_fingerprint(model),
         "base_hash_kind": EXACT_HASH,
-        "base_dtype": str(p0.dtype).replace("torch.", "") if p0 is not None else None,
+        "base_dtype": dtype_name(model),
+        # the base weights cast to each dtype: the edit is checked against them in whatever dtype it is applied
+        "base_hashes": weights_by_dtype(model),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "headsteer": __version__,
     }

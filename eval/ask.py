@@ -15,13 +15,16 @@ def ask(model, image, question, edit_path=None, top=3, device=None, dtype=None, 
     engine's self-check on this example first (identity; stops with one line if it fails)."""
     from headsteer.ask import default_image, top_answers
     from headsteer.data import check_question
-    from headsteer.edit import apply_edit, load_manifest
-    from headsteer.loading import load
+    from headsteer.edit import apply_edit, load_edited, load_manifest
+    from headsteer.edit.apply import refuse_baked
     from headsteer.selfcheck import check_example
 
     check_question(question)
     manifest = load_manifest(edit_path) if edit_path else None  # a bad manifest fails before the model loads
-    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    if manifest is not None:
+        refuse_baked(manifest)  # an exported checkpoint's manifest: its edit is in those weights, not in --model's
+    # an exported checkpoint's edit that is not in its weights is applied, never dropped
+    m, proc = load_edited(model, device=device, dtype=dtype, device_map=device_map)
     image = image or default_image()
     if check:
         check_example(m, proc, {"image": image, "question": question})

@@ -75,9 +75,11 @@ def eval_data(data, qtype, limit, task):
 
 
 def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtype, device_map):
-    from headsteer import HeadSet, get_adapter, load
+    from headsteer import HeadSet, get_adapter
+    from headsteer.edit.checkpoint import load_edited
 
-    m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
+    # an exported checkpoint's edit that is not in its weights is applied, never dropped
+    m, proc = load_edited(model, device=device, dtype=dtype, device_map=device_map)
     ad = get_adapter(m, proc)
     ds = eval_data(data, qtype, limit, task)
     hs = None
@@ -86,7 +88,7 @@ def _setup(model, data, qtype, limit, task, top_heads, attribution, device, dtyp
     elif attribution:
         from headsteer.heads import top_heads as attributed  # the parameter top_heads is the --top-heads text
 
-        hs = attributed(attribution, 4, ad.num_layers, ad.num_heads)
+        hs = attributed(attribution, 4, ad.num_layers, ad.num_heads, model=m)
     return m, proc, ds, hs
 
 
@@ -138,12 +140,14 @@ def eval_cmd(model, data, qtype, limit, task, batch_size, baseline, top_heads, a
              answers_path, device, dtype, edit_path, metrics, mode, out, force, no_self_check):
     """VQA accuracy and cross-modal transfer (resumable; data-parallel under accelerate launch)."""
     from headsteer.edit import EditManifest
+    from headsteer.edit.tasks import check_task
     from headsteer.rundir import check_out
 
     from .benchmarks import pope_metrics
     from .run import evaluate, summary
 
     ms = check_metrics(metrics)
+    check_task(task)
     check_out(out)
     if answers_path is not None and mode != "closed":
         raise HeadsteerError("--answers gives the candidates of --mode closed: drop it, or use --mode closed")
@@ -214,9 +218,11 @@ def compare(model, data, qtype, limit, task, batch_size, baseline, top_heads, at
     paths = [p for e in (*edit_paths, *more_edits) for p in e.split()]
     if not paths:
         raise HeadsteerError("no edits to compare: pass --edits a.json b.json ...")
+    from headsteer.edit.tasks import check_task
     from headsteer.rundir import check_out
 
     ms = check_metrics(metrics)
+    check_task(task)
     check_out(out)
     answers = read_answers(answers_path)
     edits = dict(zip(edit_names(paths), (EditManifest.load(p) for p in paths)))  # bad manifests fail before the model loads

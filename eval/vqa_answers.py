@@ -161,9 +161,17 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_accuracy(pred: str, answers) -> float:
-    """Official VQA accuracy: min(1, matches / 3) among the other references, averaged over the
-    leave-one-out subsets (1 of 10 matching gives 0.3, 3 of 10 give 0.9). With one reference (GQA,
-    POPE, easy-VQA) it is an exact match of both normalised answers."""
+    """Official VQA accuracy, for any number of reference answers.
+
+    VQAv2 has 10 references per question: for each of the 10 leave-one-out subsets of 9, the
+    prediction scores min(1, matches / 3) — full credit when 3 of the other annotators gave it — and
+    the score is the mean over the subsets (1 of 10 matching gives 0.3, 3 of 10 give 0.9). For n
+    references we take the n leave-one-out subsets of n - 1 the same way, with full credit at
+    min(3, n - 1) matches: three agreeing annotators where a subset has three, else all of them.
+    So n = 10 is exactly the official score, [a, a] scores a prediction a 1.0 (the official
+    threshold of 3 would cap two agreeing references at 0.33), and [a, b] scores a 0.5. With one
+    reference (GQA, POPE, easy-VQA) there is no subset to leave one out of: it is an exact match of
+    both normalised answers."""
     p = normalize_answer(pred)
     answers = [str(a) for a in answers]
     if len(answers) <= 1:
@@ -171,4 +179,5 @@ def vqa_accuracy(pred: str, answers) -> float:
     refs = [strip_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
     hits = [r == p for r in refs]
     total = sum(hits)
-    return sum(min(1.0, (total - h) / 3.0) for h in hits) / len(refs)
+    full = min(3, len(refs) - 1)  # matches among the others that earn full credit
+    return sum(min(1.0, (total - h) / full) for h in hits) / len(refs)

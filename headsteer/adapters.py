@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import ProcessorMixin
 
 from .errors import HeadsteerError
 from .families import Family, family, supported_families
+from .images import open_image
+from .questions import check_question
 from .versions import warn_untested_transformers
 
 _OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense")
@@ -225,7 +226,12 @@ class Adapter:
             return question
         if getattr(proc, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            try:
+                return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # jinja2's SecurityError (a template escaping its sandbox), TemplateError ...
+                why = " ".join(str(e).split())[:160]
+                raise HeadsteerError(f"the processor's chat template failed ({type(e).__name__}: {why}): fix "
+                                     "chat_template.jinja (or the chat_template in its processor files)") from None
         turn, gen = self.family.no_template_prompt
         return turn.format(image=getattr(proc, "image_token", "<image>"), question=question) + gen
 
@@ -263,6 +269,41 @@ class Adapter:
                                  f"tokenizer config) rendered {bad[:80]!r} without the image placeholder {mark}: make it "
                                  'render {"type": "image"} content parts as ' + mark)
 
+    def image_tokens(self) -> tuple[str, ...]:
+        """The processor's own image (and video) placeholder strings, which a question must not hold."""
+        proc = self.processor
+        names = ("image_token", "video_token", "boi_token", "eoi_token", "image_start_token", "image_end_token")
+        return tuple(sorted({t for t in (getattr(proc, n, None) for n in names) if isinstance(t, str) and t.strip()}))
+
+    def check_question(self, question) -> str:
+        """A question is text without an image placeholder, the generic ones or this processor's
+        (the prompt template places the image: a placeholder in the text would add image positions
+        without an image, or shift the image the processor expands)."""
+        return check_question(question, placeholders=self.image_tokens())
+
+    def context_limit(self) -> int | None:
+        """The most tokens the text model takes: its config's ``max_position_embeddings`` (the
+        positions it was built for), or the tokenizer's ``model_max_length`` where that is smaller
+        (transformers' placeholder for "no limit" is about 1e30 and is ignored)."""
+        limits = []
+        tcfg = self.model.config.get_text_config()
+        v = getattr(tcfg, "max_position_embeddings", None)
+        if isinstance(v, int) and v > 0:
+            limits.append(v)
+        m = getattr(getattr(self.processor, "tokenizer", None), "model_max_length", None)
+        if isinstance(m, int) and 0 < m < 10**9:
+            limits.append(m)
+        return min(limits) if limits else None
+
+    def check_length(self, n_tokens: int) -> None:
+        """Refuse a prompt longer than the model's context (counted after the processor expanded the
+        image into its tokens): past it the positions are ones the model never learnt, and its
+        answers mean nothing. Refused before any forward, so no memory is asked for."""
+        limit = self.context_limit()
+        if limit is not None and n_tokens > limit:
+            raise HeadsteerError(f"the prompt is {n_tokens} tokens (image tokens included), longer than this model's context "
+                                 f"of {limit}: shorten the question")
+
     def processor_kwargs(self) -> dict:
         """What the family's processor must be asked for besides images and text (``Family.ask_mm_token_types``)."""
         return {"return_mm_token_type_ids": True} if self.family.ask_mm_token_types else {}
@@ -274,7 +315,11 @@ class Adapter:
             questions, images = [questions], [images]
         if any(im is None for im in images):
             raise HeadsteerError("missing image: every question needs an image (a PIL image or a path)")
-        images = [_as_image(im) for im in images]
+        if len(images) != len(questions):
+            raise HeadsteerError(f"{len(images)} images for {len(questions)} questions: give one image per question")
+        for q in questions:
+            self.check_question(q)
+        images = [open_image(im) for im in images]
         tok = proc.tokenizer
         old = tok.padding_side
         tok.padding_side = "left"
@@ -292,20 +337,10 @@ class Adapter:
                     batch[theirs] = batch.pop(ours)
         finally:
             tok.padding_side = old
+        self.check_length(batch["input_ids"].shape[-1])
         dev = device or next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _as_image(im):
-    if isinstance(im, Image.Image):
-        return im.convert("RGB")
-    try:
-        return Image.open(im).convert("RGB")
-    except FileNotFoundError:
-        raise HeadsteerError(f"image not found: {im}") from None
-    except Exception as e:
-        raise HeadsteerError(f"cannot read image {im}: {e}") from None
 
 
 def _kv_heads(mod: nn.Module, num_heads: int, head_dim: int) -> int | None:

@@ -23,6 +23,7 @@ from .errors import HeadsteerError
 from .files import save_safetensors
 from .fingerprint import config_fingerprint, processor_fingerprint, weights_fingerprint
 from .intervention import intervene, is_intervened
+from .paths import input_file
 
 KINDS = ("mean", "blank", "zero")
 
@@ -185,14 +186,37 @@ def make_baseline(model, processor, kind="mean", reference=None, question="what 
     cache = Path(cache_dir or os.environ.get("HEADSTEER_CACHE", Path.home() / ".cache" / "headsteer"))
     path = cache / f"baseline-mean-{key}.safetensors"
     cacheable = not is_intervened(model)
-    if cacheable and path.exists():
+    if cacheable and (path.exists() or path.is_symlink()):
+        input_file(path, "cached baseline")
         return TensorBaseline.load(path)
+    if cacheable:
+        _check_cache(cache)  # before the work, not after it
     k, v = capture_image_kv(model, processor, reference, [question] * len(reference))
     b = TensorBaseline(k, v, "mean", {"reference": ref_name, "n": len(reference), "question": question})
     if cacheable:
-        cache.mkdir(parents=True, exist_ok=True)
-        b.save(path)
+        try:
+            b.save(path)
+        except OSError as e:
+            raise HeadsteerError(f"cannot write the baseline cache in {cache} ({e.strerror or e}): "
+                                 f"{_CACHE_FIX}") from None
     return b
+
+
+_CACHE_FIX = "set HEADSTEER_CACHE to a folder you can write (default ~/.cache/headsteer)"
+
+
+def _check_cache(cache: Path):
+    """The baseline cache folder exists (made if not) and is writable: a one-line error naming it
+    and HEADSTEER_CACHE, not a temporary file's name or the file that is in the way."""
+    where = f"the baseline cache {cache}" + (" (HEADSTEER_CACHE)" if os.environ.get("HEADSTEER_CACHE") else "")
+    if cache.exists() and not cache.is_dir():
+        raise HeadsteerError(f"{where} is a file, not a folder: {_CACHE_FIX}")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HeadsteerError(f"cannot create {where} ({e.strerror or e}): {_CACHE_FIX}") from None
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise HeadsteerError(f"{where} is not writable: {_CACHE_FIX}")
 
 
 def as_baseline(model, processor, baseline, dataset=None) -> Baseline:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import HeadsteerError
+from .images import open_image
+from .paths import input_file, read_bytes, read_text
+from .questions import IMAGE_PLACEHOLDERS, check_question  # noqa: F401  (public here too)
 
 EASY_SHAPES = ("circle", "rectangle", "triangle")
 EASY_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
@@ -109,97 +113,122 @@ def load_easy_vqa(split: str = "test", limit: int | None = None, qtypes=None, wi
 
 _IMAGE_COLS = ("image", "image_path", "img", "file_name")
 _ANSWER_COLS = ("answers", "answer", "label")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-IMAGE_PLACEHOLDERS = ("<image>", "<|image_pad|>", "<start_of_image>", "<|vision_start|>", "<IMG_CONTEXT>")
+def _json_error(path, e: json.JSONDecodeError, line_offset: int = 0) -> HeadsteerError:
+    return HeadsteerError(f"{path}:{e.lineno + line_offset}: not valid JSON ({e.msg}, column {e.colno}): fix that line")
 
 
-def check_question(question, where: str = "") -> str:
-    """A question is text without the processor's image placeholder (the prompt places the image)."""
-    if not isinstance(question, str) or not question.strip():
-        raise HeadsteerError(f"{where}question must be non-empty text; got {question!r}")
-    tag = next((t for t in IMAGE_PLACEHOLDERS if t in question), None)
-    if tag is not None:
-        raise HeadsteerError(f"{where}question {question[:60]!r} contains the image placeholder {tag}: remove it, the "
-                             "prompt template places the image")
-    return question
-
-
-def _read_table(path: Path) -> list[dict]:
+def read_rows(path, what: str = "data file") -> list:
+    """The rows of a JSONL/JSON/CSV/parquet file, as read (the caller checks each row). Text files are
+    UTF-8 (a byte-order mark, Excel's default for CSV, is dropped); a broken JSON line is named by its
+    number; a parquet column of raw bytes stays bytes (an image, not a path)."""
+    path = Path(path)
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
+    if suffix not in DATA_SUFFIXES:
+        raise HeadsteerError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    input_file(path, what)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid & co: not a parquet file
+            raise HeadsteerError(f"{path} is not a readable parquet file ({type(e).__name__}: {str(e)[:120]})") from None
+    text = read_text(path, what)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _json_error(path, e) from None
+        rows = data if isinstance(data, list) else data.get("data", data.get("questions")) if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise HeadsteerError(f"{path}: expected a JSON list of examples (or an object with a \"data\" list)")
+        return rows
+    if suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
                 try:
-                    data = json.load(f)
-                except ValueError as e:
-                    raise HeadsteerError(f"{path} is not valid JSON ({e}): fix the file") from None
-            rows = data if isinstance(data, list) else data.get("data", data.get("questions")) if isinstance(data, dict) else None
-            if not isinstance(rows, list):
-                raise HeadsteerError(f"{path}: expected a JSON list of examples (or an object with a \"data\" list)")
-            return rows
-        if suffix == ".jsonl":
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError as e:
-                        raise HeadsteerError(f"{path}:{i}: not a JSON object ({e}): fix that line") from None
-            return rows
-        if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
-        if suffix == ".parquet":
-            return list(datasets.Dataset.from_parquet(str(path)))
-    except UnicodeDecodeError as e:
-        raise HeadsteerError(f"{path} is not UTF-8 text ({e.reason}): save it as UTF-8") from None
-    except IsADirectoryError:
-        raise HeadsteerError(f"{path} is a folder, not a data file") from None
-    raise HeadsteerError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise _json_error(path, e, i - 1) from None
+        return rows
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for r in reader:
+            if None in r:  # DictReader keeps a row's surplus fields under the key None
+                raise HeadsteerError(f"{path}:{reader.line_num}: more fields than the header has columns: quote fields "
+                                     "that hold commas")
+            rows.append(r)
+    except csv.Error as e:
+        raise HeadsteerError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+    return rows
 
 
 def _find_table(folder: Path) -> Path:
     for name in ("data", "questions", "metadata", "annotations"):
-        for ext in (".jsonl", ".json", ".csv", ".parquet"):
+        for ext in DATA_SUFFIXES:
             if (folder / f"{name}{ext}").exists():
                 return folder / f"{name}{ext}"
     raise HeadsteerError(f"{folder}: no data.jsonl/questions.jsonl/metadata.csv (or .json/.parquet) found in the folder")
 
 
 def _open_image(value, root: Path) -> Image.Image:
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-    if isinstance(value, dict):
-        value = value.get("path")
-    p = Path(str(value))
-    if not p.is_absolute():
-        p = root / p
-    if not p.exists():
-        raise HeadsteerError(f"image not found: {p} (paths in the data file are relative to {root})")
-    try:
-        return Image.open(p).convert("RGB")
-    except Exception as e:
-        raise HeadsteerError(f"cannot read image {p}: {e.__class__.__name__}: {e}") from None
+    """An example's image: a path relative to the data file's folder, bytes or a record (``headsteer.images``)."""
+    return open_image(value, root)
 
 
-def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
+def _text_answer(a, where: str, col: str) -> str:
+    if isinstance(a, dict) and "answer" in a:  # VQAv2 annotations: {"answer": ..., "answer_confidence": ...}
+        a = a["answer"]
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        if not math.isfinite(a):
+            raise HeadsteerError(f"{where}{col} holds {a!r}, not an answer")
+        a = str(a)
+    if not isinstance(a, str) or not a.strip():
+        raise HeadsteerError(f"{where}{col} must be text or a non-empty list of texts; got {str(a)[:60]!r}")
+    return a.strip()
+
+
+def answers_of(value, where: str, col: str) -> list[str]:
+    """A row's reference answers: text (``|``-separated in an ``answers`` column), a number, or a list
+    of texts, numbers or ``{"answer": ...}`` records."""
+    if isinstance(value, str) and col == "answers":
+        value = value.split("|")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise HeadsteerError(f"{where}{col} is an empty list: give at least one answer")
+        return [_text_answer(a, where, col) for a in value]
+    return [_text_answer(value, where, col)]
+
+
+def _qtype_of(r: dict, where: str) -> str:
+    q = r.get("qtype", r.get("question_type"))
+    if q is None or q == "":
+        return "all"
+    if isinstance(q, bool) or not isinstance(q, (str, int)):
+        raise HeadsteerError(f"{where}qtype must be text; got {str(q)[:60]!r}")
+    return str(q)
+
+
+def load_local_vqa(path: str | os.PathLike, limit: int | None = None, qtypes=None):
     """A user's VQA data from a JSONL/JSON/CSV/parquet file, or a folder holding one with the images.
 
-    Needs columns ``image`` (path relative to the file, or image bytes), ``question`` and
-    ``answer`` or ``answers`` (a list, or ``|``-separated in CSV); optional ``qtype``, and optional
-    ``box``: the object's box ``[x0, y0, x1, y1]`` in image pixels (or ``"x0,y0,x1,y1"``), which
-    ``headsteer flow`` uses to split the image tokens into object and background patches.
+    Needs columns ``image`` (path relative to the file, image bytes, or a ``{"bytes", "path"}``
+    record), ``question`` and ``answer`` or ``answers`` (a list, or ``|``-separated in CSV); optional
+    ``qtype``, and optional ``box``: the object's box ``[x0, y0, x1, y1]`` in image pixels (or
+    ``"x0,y0,x1,y1"``), which ``headsteer flow`` uses to split the image tokens into object and
+    background patches. Every row is checked against this format (a one-line error names the row);
+    ``qtypes`` keeps the examples of those question types, and ``limit`` the first N of them.
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise HeadsteerError(f"data not found: {path}")
     table = _find_table(path) if path.is_dir() else path
-    rows = _read_table(table)
+    rows = read_rows(table)
     if not rows:
         raise HeadsteerError(f"{table}: no examples")
     if not isinstance(rows[0], dict):
@@ -209,61 +238,44 @@ def load_local_vqa(path: str | os.PathLike, limit: int | None = None):
     ans_col = next((c for c in _ANSWER_COLS if c in cols), None)
     missing = [n for n, c in (("image", img_col), ("question", "question" if "question" in cols else None), ("answer", ans_col)) if c is None]
     if missing:
-        raise HeadsteerError(f"{table}: missing column(s) {', '.join(missing)}; found {sorted(cols)}")
-    # closed-mode candidates: the answers of the whole file, before --limit (or --qtype) cut it; a row
-    # past the limit that does not parse is never evaluated, and its answer is left out
-    vocabulary = {_answers_of(r, ans_col, "")[1] for r in rows if _parses(r, ans_col)}
-    if limit is not None:
-        rows = rows[:limit]
+        raise HeadsteerError(f"{table}: missing column(s) {', '.join(missing)}; found {sorted(map(str, cols))}")
+    keep = None if qtypes is None else set(qtypes)
+    # closed-mode candidates: the answers of the whole file, before --limit or --qtype cut it (every row is
+    # checked, so every row's answer counts)
+    vocabulary = set()
     out = {"image": [], "question": [], "answer": [], "answers": [], "qtype": []}
     has_box = "box" in cols
     if has_box:
         out["object_box"] = []
     for i, r in enumerate(rows, 1):
+        # every row is checked, also those the filter or the limit leave out; only kept rows' images are read
         where = f"{table}: example {i}: "
         if not isinstance(r, dict):
             raise HeadsteerError(f"{where}expected an object with image, question and answer; got {str(r)[:60]!r}")
-        gone = [c for c in (img_col, "question", ans_col) if r.get(c) in (None, "")]
+        gone = [c for c in (img_col, "question", ans_col) if r.get(c) is None or r.get(c) == ""]
         if gone:
             raise HeadsteerError(f"{where}missing {', '.join(gone)} (every example needs image, question and answer); fix "
                                  "that example")
         check_question(r["question"], where)
-        answers, answer = _answers_of(r, ans_col, where)
-        out["image"].append(_open_image(r[img_col], table.parent))
-        out["question"].append(str(r["question"]))
+        answers = answers_of(r[ans_col], where, ans_col)
+        qtype = _qtype_of(r, where)
+        if has_box and r.get("box") is None:
+            raise HeadsteerError(f"{where}missing box (the first example has one, so every example needs one)")
+        vocabulary.add(max(answers, key=answers.count))
+        if (keep is not None and qtype not in keep) or (limit is not None and len(out["image"]) >= limit):
+            continue
+        out["image"].append(open_image(r[img_col], table.parent, name=f"{where}image"))
+        out["question"].append(r["question"])
         out["answers"].append(answers)
-        out["answer"].append(answer)
-        out["qtype"].append(str(r.get("qtype") or r.get("question_type") or "all"))
+        out["answer"].append(max(answers, key=answers.count))  # ties: the first listed (not hash order)
+        out["qtype"].append(qtype)
         if has_box:
-            if r.get("box") is None:
-                raise HeadsteerError(f"{where}missing box (the first example has one, so every example needs one)")
             out["object_box"].append(_box(r["box"], out["image"][-1].size, table))
     extra = {"object_box": datasets.Sequence(datasets.Value("float32"))} if has_box else {}
     ds = datasets.Dataset.from_dict(out, features=vqa_features(**extra))
-    ds = stamp_origin(ds, spec=str(path.resolve()), split=None, qtypes=None,
-                      file_sha256=hashlib.sha256(table.read_bytes()).hexdigest())
+    ds = stamp_origin(ds, spec=str(path.resolve()), split=None, qtypes=sorted(keep) if keep is not None else None,
+                      file_sha256=hashlib.sha256(read_bytes(table, "data file")).hexdigest())
     return keep_answer_vocabulary(ds, vocabulary)
-
-
-def _answers_of(row: dict, col: str, where: str) -> tuple[list[str], str]:
-    """(reference answers, the answer: the most frequent reference) of one example."""
-    answers = row[col]
-    if isinstance(answers, (int, float)) and not isinstance(answers, bool):
-        answers = str(answers)
-    if not isinstance(answers, (str, list)) or not answers:
-        raise HeadsteerError(f"{where}{col} must be text or a non-empty list of texts; got {answers!r}")
-    if isinstance(answers, str):
-        answers = [a.strip() for a in answers.split("|")] if col == "answers" else [answers]
-    answers = [str(a) for a in answers]
-    return answers, max(answers, key=answers.count)  # ties: the first listed (not hash order)
-
-
-def _parses(row, col: str) -> bool:
-    try:
-        _answers_of(row, col, "")
-    except (HeadsteerError, TypeError, KeyError, AttributeError):
-        return False
-    return True
 
 
 def _box(value, size, table) -> list[float]:
@@ -279,16 +291,13 @@ def _box(value, size, table) -> list[float]:
 
 
 def load_data(spec: str | None, split: str = "test", limit: int | None = None, qtypes=None):
-    """``easy-vqa`` (default) / ``easy-vqa:train`` or a local path."""
+    """``easy-vqa`` (default) / ``easy-vqa:train`` or a local path; ``qtypes`` keeps those question
+    types and ``limit`` the first N of them, whatever the source."""
     if spec in (None, "", "easy-vqa", "easyvqa"):
         return load_easy_vqa(split, limit=limit, qtypes=qtypes)
     if spec.startswith("easy-vqa:"):
         return load_easy_vqa(spec.split(":", 1)[1], limit=limit, qtypes=qtypes)
-    ds = load_local_vqa(spec, limit=limit)
-    if qtypes is not None:
-        origin = data_origin(ds)
-        ds = stamp_origin(ds.filter(lambda r: r["qtype"] in qtypes), **{**origin, "qtypes": sorted(qtypes)})
-    return ds
+    return load_local_vqa(spec, limit=limit, qtypes=qtypes)
 
 
 _STAMP = "headsteer-data "

@@ -4,6 +4,7 @@ sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -76,10 +77,17 @@ def write_json(path, obj, indent: int | None = 2) -> Path:
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Tensors to a safetensors file, atomically. A failed write (disk full, a file-size limit) is an
+    ``OSError`` naming the file, as for every other writer here (safetensors raises its own error
+    type, which the CLI's error boundary would otherwise report as unexpected)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            raise OSError(errno.EIO, " ".join(str(e).split())[:160], str(path)) from None
     return Path(path)
 
 

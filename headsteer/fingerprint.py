@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import HeadsteerError
+from .paths import input_file, read_text
+
 _CHUNK = 1 << 22  # elements per step: bounds the int64 temporaries to a few tens of MB
 
 
@@ -48,8 +51,9 @@ def _chunk_weight(k: int) -> int:
 
 
 @torch.no_grad()
-def tensor_fingerprint(t: torch.Tensor) -> int:
-    """The position-weighted int64 sum of a tensor's bits (see the module docstring)."""
+def tensor_fingerprint(t: torch.Tensor, cast: torch.dtype | None = None) -> int:
+    """The position-weighted int64 sum of a tensor's bits (see the module docstring); with ``cast``
+    (a floating dtype), of the bits of a floating tensor cast to it, chunk by chunk (bounded memory)."""
     if t.device.type == "meta":
         return 0
     if t.is_complex():
@@ -57,11 +61,16 @@ def tensor_fingerprint(t: torch.Tensor) -> int:
     flat = t.detach().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    bits = flat.view(_INT_VIEW[flat.element_size()])
-    weights = _position_weights(bits.device)
-    total = torch.zeros((), dtype=torch.int64, device=bits.device)
-    for k, start in enumerate(range(0, bits.numel(), _CHUNK)):
-        chunk = bits[start : start + _CHUNK].to(torch.int64)
+    if cast is not None and not flat.is_floating_point():
+        cast = None
+    size = (torch.empty((), dtype=cast) if cast is not None else flat).element_size()
+    weights = _position_weights(flat.device)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for k, start in enumerate(range(0, flat.numel(), _CHUNK)):
+        part = flat[start : start + _CHUNK]
+        if cast is not None:
+            part = part.to(cast)
+        chunk = part.contiguous().view(_INT_VIEW[size]).to(torch.int64)
         total += (chunk * weights[: chunk.numel()]).sum() * _chunk_weight(k)
     return int(total.item())
 
@@ -82,12 +91,52 @@ def _persistent_tensors(model):
             yield f"{mod_name}.{bname}" if mod_name else bname, b
 
 
-def weights_fingerprint(model) -> str:
-    """sha256 over (name, shape, dtype, content sum) of every parameter and persistent buffer."""
+def weights_fingerprint(model, cast: torch.dtype | str | None = None) -> str:
+    """sha256 over (name, shape, dtype, content sum) of every parameter and persistent buffer. With
+    ``cast``, every floating tensor is hashed as if cast to that dtype: the same checkpoint loaded in
+    fp32 and in bf16 gives one value when both are cast to bf16 (``from_pretrained`` casts the same
+    way, round to nearest even), so weights can be compared across the dtypes they are loaded in."""
+    if isinstance(cast, str):
+        cast = getattr(torch, cast)
     h = hashlib.sha256()
     for name, t in sorted(_persistent_tensors(model), key=lambda x: x[0]):
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{t.device.type == 'meta'}|{tensor_fingerprint(t)}\n".encode())
+        dt = cast if cast is not None and t.is_floating_point() else t.dtype
+        h.update(f"{name}|{tuple(t.shape)}|{dt}|{t.device.type == 'meta'}|{tensor_fingerprint(t, cast)}\n".encode())
     return h.hexdigest()
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model is loaded in (--dtype)
+
+
+def dtype_name(model) -> str | None:
+    """The dtype of the model's first parameter, as torch names it without ``torch.`` (None: no parameter)."""
+    p = next(model.parameters(), None)
+    return str(p.dtype).replace("torch.", "") if p is not None else None
+
+
+def weights_by_dtype(model) -> dict[str, str]:
+    """``weights_fingerprint(model, cast=d)`` for each dtype a model is loaded in: what a record of
+    these weights compares against whichever dtype they are loaded in later (``same_weights``)."""
+    return {d: weights_fingerprint(model, cast=d) for d in FLOAT_DTYPES}
+
+
+def same_weights(model, by_dtype: dict | None = None, exact: str | None = None, exact_dtype: str | None = None) -> bool | None:
+    """Whether ``model`` holds the weights of a record: True, False, or None where the record cannot
+    tell. ``by_dtype``: the record's ``weights_by_dtype``; ``exact``/``exact_dtype``: a plain
+    ``weights_fingerprint`` and the dtype it was taken in (older records hold only that).
+
+    Every part of the record that can be compared must agree: ``by_dtype`` in the model's own dtype
+    (the record cast to it), and ``exact`` in the same dtype, or cast down to it from a finer model
+    (fp32 holds bf16/fp16 exactly); a model coarser than ``exact_dtype`` cannot be compared with it."""
+    mine = dtype_name(model)
+    verdicts = []
+    if isinstance(by_dtype, dict) and by_dtype.get(mine):
+        verdicts.append(weights_fingerprint(model, cast=mine) == by_dtype[mine])
+    if exact and exact_dtype in (None, mine):
+        verdicts.append(weights_fingerprint(model) == exact)
+    elif exact and mine == "float32" and exact_dtype in FLOAT_DTYPES:
+        verdicts.append(weights_fingerprint(model, cast=exact_dtype) == exact)
+    return None if not verdicts else all(verdicts)
 
 
 _CONFIG_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "name_or_path"}
@@ -145,10 +194,15 @@ def edit_fingerprint(edit) -> str | None:
         from safetensors.torch import load_file
 
         path = Path(edit)
-        d = json.loads(path.read_text())
+        d = json.loads(read_text(path, "edit manifest"))
         body = {k: d.get(k) for k in ("kind", "heads", "params")}
         body["baked"] = bool(d.get("baked", False))
-        tensors = load_file(str(path.parent / d["tensors"])) if d.get("tensors") else {}
+        tensors = {}
+        if d.get("tensors"):
+            tp = (path.parent / str(d["tensors"])).resolve()
+            if path.parent.resolve() not in tp.parents:  # as EditManifest.load: only files beside the manifest
+                raise HeadsteerError(f"{path}: tensors {d['tensors']!r} is outside the manifest's folder")
+            tensors = load_file(str(input_file(tp, "the edit's tensors file")))
     else:
         body = {"kind": edit.kind, "heads": edit.heads, "params": edit.params, "baked": bool(getattr(edit, "baked", False))}
         tensors = getattr(edit, "tensor_data", None) or {}

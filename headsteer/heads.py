@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .errors import HeadsteerError
+from .fingerprint import same_weights, weights_by_dtype
+from .paths import read_text
 
 _ITEM = re.compile(r"^L(\d+|\*)(?:-(\d+))?H(\d+|\*)(?:-(\d+))?$")
 _MAX_INDEX = 100_000  # no model has more layers or heads per layer; bounds what a shape-less parse expands
@@ -249,19 +251,66 @@ def _rate_ranking(data: dict, alpha, run_dir) -> list[str]:
                          f"--alpha` with it)")
 
 
-def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None, alpha=None) -> HeadSet:
+def model_record(model, num_layers: int, num_heads: int) -> dict:
+    """What an attribution run records of the model it ranked (``heads.json["model"]``): its shape,
+    and its weights' fingerprints cast to each dtype, so a later edit can tell the run is of its model
+    in whatever dtype each was loaded."""
+    return {"num_layers": num_layers, "num_heads": num_heads, "weights_by_dtype": weights_by_dtype(model)}
+
+
+def _run_shape(data: dict) -> tuple[int, int] | None:
+    rec = data.get("model")
+    if isinstance(rec, dict) and isinstance(rec.get("num_layers"), int) and isinstance(rec.get("num_heads"), int):
+        return rec["num_layers"], rec["num_heads"]
+    # older runs: the table ranks every head of the model, so its extent is the model's shape
+    try:
+        pairs = [h for r in data["heads"] for h in HeadSet.parse(r["head"])]
+    except (HeadsteerError, KeyError, TypeError):
+        return None
+    if not pairs:
+        return None
+    L, H = max(p[0] for p in pairs) + 1, max(p[1] for p in pairs) + 1
+    return (L, H) if len(set(pairs)) == L * H else None
+
+
+def check_run_model(run_dir, data: dict, num_layers: int | None, num_heads: int | None, model=None) -> None:
+    """Refuse the attribution run ``run_dir`` (its heads.json ``data``) unless it ranked this model:
+    the same layer and head counts and, given ``model``, the same weights (``same_weights``; a run
+    whose record cannot tell — an older run in a coarser dtype — is taken on its shape)."""
+    shape = _run_shape(data)
+    if shape is not None and num_layers is not None and shape != (num_layers, num_heads):
+        raise HeadsteerError(f"{run_dir} ranks the heads of a model with {shape[0]} layers x {shape[1]} heads; this model "
+                             f"has {num_layers} x {num_heads}: attribute this model (`headsteer attribute --model ...`) or "
+                             "name the heads with --heads")
+    if model is None:
+        return
+    rec = data.get("model") if isinstance(data.get("model"), dict) else {}
+    ident = {}
+    try:
+        ident = json.loads(read_text(Path(run_dir) / "run.json", "run record")).get("identity") or {}
+    except (HeadsteerError, ValueError, AttributeError):
+        pass
+    same = same_weights(model, rec.get("weights_by_dtype"), ident.get("weights"), ident.get("dtype"))
+    if same is False:
+        raise HeadsteerError(f"{run_dir} was attributed on other weights than this model's ({ident.get('weights', '?')[:12]}…): "
+                             "its ranking is of another model; attribute this one, or name the heads with --heads")
+
+
+def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | None = None, alpha=None, model=None) -> HeadSet:
     """The ``k`` highest-ranked heads of a ``headsteer attribute`` run directory: of its primary
     ranking, or with ``alpha`` of the ranking fitted at that ablation rate (a run of several
     rates, ``--alpha 0.1,0.5,0.9``), or of the rate it found best for ``"keep-only"`` or
-    ``"removal"``."""
+    ``"removal"``. A run of another model (other layer/head counts, or other weights than
+    ``model``'s) is refused."""
     path = Path(run_dir) / "heads.json"
+    if not path.exists() and not path.is_symlink():
+        raise HeadsteerError(f"{run_dir} is not an attribution run (no heads.json): give the --out of `headsteer attribute`")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "heads.json"))
         ranked = [r["head"] for r in data["heads"]]
-    except FileNotFoundError:
-        raise HeadsteerError(f"{run_dir} is not an attribution run (no heads.json): give the --out of `headsteer attribute`") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise HeadsteerError(f"{path} is not a headsteer heads.json (rerun `headsteer attribute`)") from None
+    check_run_model(run_dir, data, num_layers, num_heads, model)
     if alpha is not None:
         ranked = _rate_ranking(data, alpha, run_dir)
     if not isinstance(k, int) or k < 1 or k > len(ranked):
@@ -272,7 +321,7 @@ def top_heads(run_dir, k: int, num_layers: int | None = None, num_heads: int | N
 def _resolved_rate(run_dir, rate) -> float:
     """The rate a --rate value names (a regime word resolves to the run's rate for it)."""
     if isinstance(rate, str) and rate.strip().lower() in REGIME_WORDS:
-        data = json.loads((Path(run_dir) / "heads.json").read_text())
+        data = json.loads(read_text(Path(run_dir) / "heads.json", "heads.json"))
         return float(data["regimes"][REGIME_WORDS[rate.strip().lower()]]["alpha"])
     return float(rate)
 
@@ -280,6 +329,8 @@ def _resolved_rate(run_dir, rate) -> float:
 def random_heads(k: int, num_layers: int, num_heads: int, seed: int = 0) -> HeadSet:
     """``k`` heads drawn uniformly without replacement (seeded)."""
     n = num_layers * num_heads
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise HeadsteerError(f"the seed must be a whole number >= 0; got {seed!r}")
     if not 1 <= k <= n:
         raise HeadsteerError(f"random:K needs 1 <= K <= {n} (the model's heads); got {k}")
     idx = np.random.default_rng(seed).choice(n, size=k, replace=False)
@@ -287,12 +338,15 @@ def random_heads(k: int, num_layers: int, num_heads: int, seed: int = 0) -> Head
 
 
 def select_heads(heads: str | None, from_attribution=None, top_k: int = 4, *, num_layers: int, num_heads: int,
-                 seed: int = 0, rate=None) -> tuple[HeadSet, dict | None]:
+                 seed: int = 0, rate=None, model=None) -> tuple[HeadSet, dict | None]:
     """The heads a command acts on: ``heads`` text (``L2H0-3``, ``random:K``) or the top ``top_k``
     of an attribution run (``rate``: the ranking of that ablation rate, or keep-only / removal;
-    see ``top_heads``). Returns the HeadSet and, for an attribution, where it came from."""
+    see ``top_heads``; a run of another model than ``model`` is refused). Returns the HeadSet —
+    never an empty one — and, for an attribution, where it came from."""
     if rate is not None and not from_attribution:
         raise HeadsteerError("--rate picks a ranking of an attribution run: give --from-attribution DIR with it")
+    if heads is not None and not (isinstance(heads, str) and heads.strip(" ,")):
+        raise HeadsteerError(f"--heads {heads!r} names no head: give heads like L2H0-3,L3H5 (or random:K)")
     if heads and from_attribution:
         raise HeadsteerError("give either --heads or --from-attribution, not both")
     if heads:
@@ -303,7 +357,7 @@ def select_heads(heads: str | None, from_attribution=None, top_k: int = 4, *, nu
             return random_heads(int(k), num_layers, num_heads, seed), None
         return HeadSet.parse(heads, num_layers, num_heads), None
     if from_attribution:
-        hs = top_heads(from_attribution, top_k, num_layers, num_heads, alpha=rate)
+        hs = top_heads(from_attribution, top_k, num_layers, num_heads, alpha=rate, model=model)
         info = {"run": str(from_attribution), "top_k": top_k}
         if rate is not None:
             info["alpha"] = _resolved_rate(from_attribution, rate)

@@ -113,9 +113,33 @@ def _oproj_hook(session: _Session, layer: int):
     return hook
 
 
+def _batch_rows(t) -> int | None:
+    """Rows of a per-example tensor of a Spec (None where it is one for every example)."""
+    return int(t.shape[0]) if torch.is_tensor(t) and t.ndim == 3 else None
+
+
+def check_batch(session: _Session, batch: int):
+    """Every per-example part of the open specs fits the batch the model is called with: one row per
+    example, or one for all. Checked when the forward starts (a Spec does not know the batch it will
+    meet), so a mismatch is one line here, not a shape error deep in a linear layer."""
+    for a in session.actives:
+        parts = [("head_scale", _batch_rows(a.head_scale)), ("ablate", _batch_rows(a.ablation.mask) if a.ablation else None)]
+        for ko in a.knockouts:
+            parts += [("Knockout heads", _batch_rows(ko.heads if torch.is_tensor(ko.heads) else None))]
+            parts += [(f"Knockout {n}", int(t.shape[0])) for n, t in (("src", ko.src), ("dst", ko.dst)) if torch.is_tensor(t)
+                      and t.ndim == 2]
+        for name, rows in parts:
+            if rows is not None and rows not in (1, batch):
+                raise HeadsteerError(f"{name} has {rows} rows (one per example) but the model is called on a batch of "
+                                     f"{batch}: give {batch} rows, or one for every example")
+
+
 def _groups_hook(session: _Session):
     def hook(mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if torch.is_tensor(ids) else kwargs.get("inputs_embeds")
+        if torch.is_tensor(ref) and ref.ndim >= 2:
+            check_batch(session, int(ref.shape[0]))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         # Tokens seen before this forward: a sliding-window layer's cache keeps only the last
         # keys, and groups are aligned by absolute position (see attention.key_positions).

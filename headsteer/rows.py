@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .files import write_text
+from .paths import read_text
 
 
 def resume_rows(path: Path, key: str = "index") -> dict:
@@ -13,7 +14,7 @@ def resume_rows(path: Path, key: str = "index") -> dict:
     rows = {}
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "results file").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:

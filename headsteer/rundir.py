@@ -22,6 +22,7 @@ from .files import write_json
 from .fingerprint import config_fingerprint, edit_fingerprint, processor_fingerprint, rows_fingerprint, weights_fingerprint
 from .intervention import installed_labels
 from .parallel import on_main_process
+from .paths import read_text
 
 RUN_FILE = "run.json"
 FORMAT = "headsteer-run-1"
@@ -92,8 +93,8 @@ class RunDir:
 
 def _read_record(folder: Path) -> dict | None:
     try:
-        rec = json.loads((folder / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        rec = json.loads(read_text(folder / RUN_FILE, "run record"))
+    except (OSError, ValueError):  # HeadsteerError (a pipe, a loop ...) is a ValueError: not a run record
         return None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT or "hash" not in rec:
         return None
@@ -115,10 +116,19 @@ def _inside(folder: Path, name: str) -> Path | None:
     return target if target != root and root in target.parents else None
 
 
-def _remove_written(folder: Path, rec: dict):
+def _consistent(rec: dict) -> bool:
+    """True for a run.json as ``open_run`` writes it: its hash is the hash of its identity."""
+    return isinstance(rec.get("identity"), dict) and rec.get("hash") == identity_hash(rec["identity"])
+
+
+def _remove_written(folder: Path, rec: dict, allowed=None):
     """Delete what the run recorded as its own (recursing into sub-runs), its temporary files, and
-    its run.json; anything else in the folder stays."""
+    its run.json; anything else in the folder stays. ``allowed``: the names the command replacing it
+    writes — a record is a file anyone can write, so only those names are deleted even when it lists
+    others (a run.json copied or written beside a user's files cannot make --force delete them)."""
     for name in rec.get("written", []):
+        if allowed is not None and name not in allowed:
+            continue
         target = _inside(folder, name)
         if target is None:
             continue
@@ -230,7 +240,9 @@ def _open(folder: Path, identity: dict, h: str, force: bool, outputs: list[str],
                 what = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "") or "identity"
             raise HeadsteerError(f"{folder} holds a run with other settings (differs in: {what}); pass --force to start "
                                  "over or choose another --out")
-        _remove_written(folder, rec)
+        # a record whose hash is not its identity's was not written by open_run: it may list any file,
+        # so only the names this run writes itself are deleted
+        _remove_written(folder, rec, allowed=None if _consistent(rec) else set(outputs))
     write_json(folder / RUN_FILE, {"format": FORMAT, "identity": identity, "hash": h, "info": info,
                                    "written": sorted(set(outputs))})
     return False
