@@ -133,6 +133,14 @@ def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_
     >>> with apply_edit(model, EditManifest("scale", "L2H0-3", {"factor": 0.0}), processor):
     ...     pass  # model(...) here runs with heads 0-3 of layer 2 silenced
     """
+    manifest, ad = check_edit(model, manifest, processor, allow_other_model)
+    with kind_of(manifest.kind).applied(manifest, model, ad):
+        yield manifest
+
+
+def check_edit(model, manifest: EditManifest | str, processor=None, allow_other_model: bool = False):
+    """Every refusal ``apply_edit`` would make, without touching the model: callers that write a run
+    folder check first, so a refused edit leaves no folder behind. Returns (manifest, adapter)."""
     if not isinstance(manifest, EditManifest):
         manifest = EditManifest.load(manifest)
     manifest.validate()  # the schema again: fields may have been changed since it was made or read
@@ -140,8 +148,7 @@ def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_
     ad = get_adapter(model, processor)
     manifest.headset(ad)  # range check with a clear message
     manifest.check_base(model, allow_other_model=allow_other_model)  # made on these weights (or allowed)
-    with kind_of(manifest.kind).applied(manifest, model, ad):
-        yield manifest
+    return manifest, ad
 
 
 # model -> the edits installed on it (install_edit), each an open context; weak, so it goes with the model

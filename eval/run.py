@@ -106,6 +106,10 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
         if outside:
             log.warning(f"{len(outside)} gold answer(s) are not among the {len(candidates)} candidate answers and can never "
                         f"be predicted in closed mode (e.g. {outside[0]!r})")
+    if edit is not None:
+        from headsteer.edit.apply import check_edit
+
+        check_edit(model, edit, processor)  # refused before any run folder is written
     rank, world = process_shard()
     mine = list(range(rank, n, world))
     done = {}

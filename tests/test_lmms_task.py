@@ -212,8 +212,9 @@ def test_doc_command_lines_parse(line):
 
 def test_a_checkpoints_baked_manifest_is_refused_on_the_base_model(tmp_path):
     """The recipe compares lmms-eval on an exported checkpoint with `headsteer eval --edit`: the
-    checkpoint's own manifest (baked) would change nothing on the base model, so it is refused there
-    in one line rather than giving the unedited model's numbers; on the checkpoint it is accepted."""
+    checkpoint's own manifest (baked) would change nothing on the base model, so it is refused in one
+    line rather than giving the unedited model's numbers — also on the checkpoint itself, where it
+    would apply nothing either (`--model CHECKPOINT` alone evaluates the edit)."""
     run = CliRunner().invoke
     e, ck = tmp_path / "e.json", tmp_path / "ck"
     assert run(main, ["edit", "scale", "--heads", "L2H0-7,L3H0-7", "--factor", "0", "--out", str(e)]).exit_code == 0
@@ -223,6 +224,9 @@ def test_a_checkpoints_baked_manifest_is_refused_on_the_base_model(tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert r.exit_code == 1 and len(errors) == 1 and "baked" in errors[0] and "Traceback" not in r.output, r.output
     r = run(main, ["eval", "--model", str(ck), "--edit", str(ck / "headsteer_edit.json"), *args, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "baked" in r.output, r.output
+    assert not (tmp_path / "b").exists()  # refused before the run folder was written
+    r = run(main, ["eval", "--model", str(ck), *args, "--out", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     r = run(main, ["eval", "--edit", str(e), *args, "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
