@@ -262,10 +262,11 @@ class AblationRunner:
     def gradients(self, weights, stat, path: str = "output", grad_drop=None):
         """Gradients of a statistic with respect to how far each head is ablated: ``weights`` float
         [M, L, H] (0 = clean, 1 = ablated; one row per forward), ``stat`` maps a batch's last-position
-        logits [m, vocab] (fp32, on the device) to [m]; ``path``: how a head moves from clean to ablated
-        (``headsteer.ablation.interpolate``); ``grad_drop``: long [M], a decoder layer per row whose
-        residual contribution passes no gradient (GradDrop; -1: none). Returns (d stat / d weights
-        float32 [M, L, H], stat float32 [M]) on the host.
+        logits [m, vocab] (fp32, on the device) to [m], or to [m, C] (C outputs: one backward pass each);
+        ``path``: how a head moves from clean to ablated (``headsteer.ablation.interpolate``);
+        ``grad_drop``: long [M], a decoder layer per row whose residual contribution passes no gradient
+        (GradDrop; -1: none). Returns (d stat / d weights float32 [M, L, H] or [M, C, L, H], stat float32
+        [M] or [M, C]) on the host.
 
         Only the weights are differentiated: the parameters' ``requires_grad`` is left as it is, the graph
         is freed batch by batch, nothing is kept. On the fast path gradients flow through the text
@@ -291,10 +292,11 @@ class AblationRunner:
                     kw = dict(self.inputs)
                 with intervene(self.model, spec):
                     y = stat(self.model(logits_to_keep=1, **kw).logits[:, -1].float())
-                (g,) = torch.autograd.grad(y.sum(), w)
-                grads.append(g.detach().float().cpu())
+                outs = [y] if y.ndim == 1 else list(y.unbind(1))
+                g = [torch.autograd.grad(o.sum(), w, retain_graph=j < len(outs) - 1)[0] for j, o in enumerate(outs)]
+                grads.append((g[0] if y.ndim == 1 else torch.stack(g, 1)).detach().float().cpu())
                 values.append(y.detach().float().cpu())
-                del y, g, w
+                del y, g, w, outs
         grads, values = torch.cat(grads), torch.cat(values)
         if not bool(torch.isfinite(grads).all() and torch.isfinite(values).all()):
             raise HeadsteerError(f"the gradients of the statistic are not finite in {str(dtype).removeprefix('torch.')} "

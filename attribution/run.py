@@ -19,7 +19,7 @@ from headsteer.rundir import open_run, record, run_identity
 from headsteer.selfcheck import SKIPPED, check_example
 
 from .engine import AblationRunner
-from .gradient import EXTRA, GRADIENT, check_scorer, gradient_refusal, score_heads
+from .gradient import EXTRA, Readout, check_scorer, gradient_refusal, score_heads
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 
@@ -125,12 +125,10 @@ def attribute_example(runner: AblationRunner, answer_id: int, s: Settings, seed:
         f = fit(masks, y, s.method, seed=seed)
         fits[rate_key(a)] = {"scores": f.scores.round(6).tolist(), "intercept": f.intercept, "fit_pearson": f.fit_pearson,
                              "fit_spearman": f.fit_spearman, "penalty": f.penalty, "masked_mean": float(y.mean())}
+    readout = Readout(answer_id, s.statistic, candidates)
     if s.scorer != "coar":
-        def stat(logits):
-            return statistic(logits, answer_id, s.statistic, candidates)
-
         for a in rates:
-            scores, info = score_heads(runner, s.scorer, stat, a, s.grad_masks, seed)
+            scores, info = score_heads(runner, s.scorer, readout, a, s.grad_masks, seed)
             fits[rate_key(a)] = {"scores": scores.numpy().round(6).tolist(), "intercept": float("nan"),
                                  "fit_pearson": info.get("fit_pearson", float("nan")),
                                  "fit_spearman": info.get("fit_spearman", float("nan")), "penalty": float("nan"),
@@ -143,7 +141,7 @@ def attribute_example(runner: AblationRunner, answer_id: int, s: Settings, seed:
         row["attention"] = runner.attention_to_image().round(6).tolist()
         if extra_ranking(s, ad):
             try:
-                extra = score_heads(runner, EXTRA, lambda logits: statistic(logits, answer_id, s.statistic, candidates))[0]
+                extra = score_heads(runner, EXTRA, readout)[0]
                 row[EXTRA] = extra.numpy().round(6).tolist()
             except HeadsteerError as e:  # e.g. an fp16 backward that overflows: the run goes on without this baseline
                 log.warning("the %s comparison ranking is left out for this image: %s", EXTRA, e)
@@ -227,6 +225,14 @@ def _fit_corr(r: dict, which: str) -> float:
     return r.get(f"fit_{which}", r.get(which, float("nan")))
 
 
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) where there is none — atp and atp* fit no
+    linear model, so their rows carry no linear-fit correlation."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
 def _score_stats(S: np.ndarray, top_k: int) -> dict:
     N, L, H = S.shape
     top = np.argsort(-S.reshape(N, -1), axis=1)[:, :top_k]
@@ -244,8 +250,8 @@ def aggregate(rows: list[dict], top_k: int = 5) -> dict:
     N, L, H = S.shape
     agg = {
         **_score_stats(S, top_k),
-        "fit_pearson": float(np.nanmean([_fit_corr(r, "pearson") for r in rows])),
-        "fit_spearman": float(np.nanmean([_fit_corr(r, "spearman") for r in rows])),
+        "fit_pearson": _nanmean([_fit_corr(r, "pearson") for r in rows]),
+        "fit_spearman": _nanmean([_fit_corr(r, "spearman") for r in rows]),
         "n_images": N,
         "clean_accuracy": float(np.mean([r["correct"] for r in rows])),
         "per_class": {},
@@ -256,8 +262,8 @@ def aggregate(rows: list[dict], top_k: int = 5) -> dict:
     for key in rows[0].get("rates", {}):
         Sr = np.array([r["rates"][key]["scores"] for r in rows])
         agg["rates"][key] = {**_score_stats(Sr, top_k), "per_image": Sr,
-                             "fit_pearson": float(np.nanmean([r["rates"][key]["fit_pearson"] for r in rows])),
-                             "fit_spearman": float(np.nanmean([r["rates"][key]["fit_spearman"] for r in rows]))}
+                             "fit_pearson": _nanmean([r["rates"][key]["fit_pearson"] for r in rows]),
+                             "fit_spearman": _nanmean([r["rates"][key]["fit_spearman"] for r in rows])}
     if all(EXTRA in r for r in rows):  # a comparison ranking only where every image has it
         agg[EXTRA] = np.array([r[EXTRA] for r in rows]).mean(0)
     if "single" in rows[0]:
