@@ -76,13 +76,20 @@ class Readout:
         others[self.answer_id] = float("-inf")
         return others.topk(min(RIVALS, int(torch.isfinite(others).sum()))).indices.tolist()
 
-    def parts(self, rivals: list[int]):
-        """The quantities a linear estimate is made of: [m, vocab] -> [m, P] (the answer's logit, or its
-        difference to each rival)."""
-        a = self.answer_id
-        if self.kind == "logit":
-            return lambda logits: logits[:, [a]]
-        return lambda logits: logits[:, [a]] - logits[:, rivals]
+    def parts(self):
+        """The quantities a linear estimate is made of, [m, vocab] -> [m, P]: the answer's logit, or its
+        difference to each rival — chosen from the first clean row it sees and kept, so that every batch
+        of one call differentiates the same parts (and no extra forward is spent on choosing them)."""
+        a, rivals = self.answer_id, []
+
+        def parts(logits):
+            if self.kind == "logit":
+                return logits[:, [a]]
+            if not rivals:
+                rivals.extend(self.rivals(logits[0].detach()))
+            return logits[:, [a]] - logits[:, rivals]
+
+        return parts
 
     def of_parts(self, parts: torch.Tensor) -> torch.Tensor:
         """The statistic from [..., P] parts: the logit, or the smallest difference (the max over rivals)."""
@@ -124,10 +131,8 @@ def atp_star(runner: AblationRunner, readout: Readout, grad_drop: bool = True, p
     # row 0: no drop; row 1 + l: the gradient through layer l's residual contribution dropped
     drops = torch.arange(-1, n) if grad_drop and n > 1 else torch.tensor([-1])
     zeros = torch.zeros(len(drops), ad.num_layers, ad.num_heads)
-    if exact_readout:
-        clean = runner(torch.zeros(1, ad.num_layers, ad.num_heads, dtype=torch.bool))[0]
-        parts = readout.parts(readout.rivals(clean))
-        g, y = runner.gradients(zeros, parts, path, grad_drop=drops)  # [R, P, L, H], [R, P]
+    if exact_readout:  # every row is the clean model (weights 0): its parts are the clean ones
+        g, y = runner.gradients(zeros, readout.parts(), path, grad_drop=drops)  # [R, P, L, H], [R, P]
         est = readout.of_parts(y[0]) - readout.of_parts(y[0] + g.movedim(1, -1))  # drop of the statistic, [R, L, H]
         passes = len(drops) * g.shape[1]
     else:

@@ -57,13 +57,13 @@ def one_prompt(runner, answer_id, candidates, masks, seed, timing) -> dict:
     out = {}
     t = time.perf_counter()
     eye = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H)
-    y = runner(torch.cat([torch.zeros(1, L, H, dtype=torch.bool), eye]), readout.statistic)
+    y = runner(torch.cat([torch.zeros(1, L, H, dtype=torch.bool), eye]), readout)
     out["single"] = (y[0] - y[1:]).numpy()
     timing["single"] += time.perf_counter() - t
     for name, seed_off in (("coar", 0), ("coar, other masks", 7919)):
         t = time.perf_counter()
         m = sample_masks(masks, L, H, 0.1, seed + seed_off)
-        out[name] = fit(m, runner(m, readout.statistic), seed=seed).scores.reshape(-1)
+        out[name] = fit(m, runner(m, readout), seed=seed).scores.reshape(-1)
         timing[name] += time.perf_counter() - t
     for scorer in G.GRADIENT:
         t = time.perf_counter()
