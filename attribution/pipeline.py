@@ -137,8 +137,9 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
              **({"regimes": regimes} if regimes else {})}
     data = report.write_heads_json(out, asdict(settings), base.describe(), agg, curves, similarity, extra)
     report.save_scores(out, rows, agg)
-    report.plot_heatmap(out, agg["mean"], f"head attribution ({agg['n_images']} images, {settings.baseline} baseline, "
-                                          f"alpha {rate_key(settings.rates[0])})")
+    rate = "" if settings.scorer in ("atp", "atp*") else f", alpha {rate_key(settings.rates[0])}"
+    report.plot_heatmap(out, agg["mean"], f"head attribution by {settings.scorer} ({agg['n_images']} images, "
+                                          f"{settings.baseline} baseline{rate})")
     report.plot_layers(out, rates, L)
     if curves:
         report.plot_curves(out, curves)

@@ -320,7 +320,7 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
                          + (f"{_fmt(ac['spearman'])} (per image {_fmt(ac['spearman_per_image_mean'])})" if ac else "–") + " |")
     lines += [
         "",
-        f"## Top heads (alpha {rates[0]['alpha']:g})" if rates else "## Top heads",
+        f"## Top heads (alpha {rates[0]['alpha']:g})" if rates and scorer in ("coar", "grad-coar") else f"## Top heads ({scorer})",
         "",
         "| rank | head | score | stderr | top-5 freq |" + (" single-head drop | attention to image |" if "single" in h[0] else ""),
         "|---|---|---|---|---|" + ("---|---|" if "single" in h[0] else ""),

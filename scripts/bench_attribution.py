@@ -24,6 +24,7 @@ import threading
 import time
 
 import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
+import numpy as np
 import torch
 
 import headsteer
@@ -103,7 +104,7 @@ def main():
     ap.add_argument("--scorers", action="store_true", help="seconds per image of each attribute --scorer instead")
     ap.add_argument("--coar-masks", default="256,1000", help="--scorers: COAR's masks per image, comma-separated")
     ap.add_argument("--grad-masks", type=int, default=32, help="--scorers: grad-coar's gradient masks per image")
-    ap.add_argument("--reps", type=int, default=1, help="--scorers: timed repetitions of each (after one warm-up)")
+    ap.add_argument("--reps", type=int, default=5, help="--scorers: timed repetitions of each, round robin (after a warm-up)")
     args = ap.parse_args()
     dev = args.device
     dtype = DTYPES[args.dtype or ("bf16" if dev.startswith("cuda") else "fp32")]
@@ -266,21 +267,28 @@ def bench_scorers(model, ad, inputs, base, name, dev, dtype, args):
     T = inputs["input_ids"].shape[1]
     print(f"model: {name}; {L} layers x {H} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; prompt {T} tokens = "
           f"prefix {prep.prefix_length} + suffix {T - prep.prefix_length}; path {prep.path}")
-    times = {}
-    for label, fn in jobs:
-        fn()  # warm-up
-        sync(dev)
+    del prep
+    times, peaks = {label: [] for label, _ in jobs}, {}
+    for label, fn in jobs:  # warm-up, and each one's peak memory on its own
         with PeakMemory(dev) as mem:
-            t = time.perf_counter()
-            for _ in range(args.reps):
-                fn()
+            fn()
             sync(dev)
-            times[label] = (time.perf_counter() - t) / args.reps
-        print(f"{label:<42} {times[label]:9.3f} s per image   peak {'GPU' if mem.gpu else 'RSS'} +{mem.peak:.3f} GiB", flush=True)
-    ref = [k for k in times if k.startswith("coar")]
-    for k in times:
+        peaks[label] = mem
+    for _ in range(args.reps):  # round robin, so that a shared machine's load changes hit every scorer alike
+        for label, fn in jobs:
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            times[label].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for label, _ in jobs:
+        mem = peaks[label]
+        print(f"{label:<42} {med[label]:9.3f} s per image (median of {args.reps}; min {min(times[label]):.3f})   "
+              f"peak {'GPU' if mem.gpu else 'RSS'} +{mem.peak:.3f} GiB", flush=True)
+    ref = [k for k in med if k.startswith("coar")]
+    for k in med:
         if not k.startswith(("coar", "prefix")):
-            print(f"{k.split(' (')[0]:<12} is " + ", ".join(f"{times[r] / times[k]:.1f}x faster than {r}" for r in ref))
+            print(f"{k.split(' (')[0]:<12} is " + ", ".join(f"{med[r] / med[k]:.1f}x faster than {r}" for r in ref))
 
 
 def compile_dense(ad) -> int:
