@@ -31,6 +31,7 @@ from headsteer.selfcheck import compare
 
 __all__ = ["AblationRunner", "ablated_logits", "check_masks", "fast_path_refusal", "naive_logits"]
 
+GRAD_ROWS = 32  # rows per forward and backward of ``AblationRunner.gradients`` on the fast path
 _SEQ_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 _SPLIT = ("text tokens between image tokens (tile markers, or several images), or a marker opening a bidirectional "
           "image block, read the image inside the prefix, so ablation changes the prefix and it cannot be shared")
@@ -278,7 +279,9 @@ class AblationRunner:
             raise HeadsteerError(f"weights must be float [M, {ad.num_layers}, {ad.num_heads}]; got {tuple(weights.shape)}")
         drop = None if grad_drop is None else torch.as_tensor(grad_drop).long().cpu()
         device, dtype = _model_device_dtype(self.model)
-        chunk = self.batch_size if self.path == "fast" else 1
+        # a graph keeps every layer's activations and fp32 scores per row (about 0.4 GB per row on a 7B
+        # model with a 19-token suffix): 32 rows per batch, whatever the memory a no-grad batch could take
+        chunk = min(self.batch_size, GRAD_ROWS) if self.path == "fast" else 1
         grads, values = [], []
         with torch.enable_grad(), tf32_for(dtype, device):
             for i in range(0, len(weights), chunk):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from scipy.stats import spearmanr
+from test_cross_attention import random_baseline
 from test_intervene import mean_like_baseline
 from tiny_models import BUILDERS, tiny
 
@@ -130,9 +131,11 @@ def test_gradients_on_every_layout(family):
     torch.testing.assert_close(y[1:], naive(masks, stat), atol=1e-5, rtol=0)
     l, h = divmod(int(g[0].abs().argmax()), ad.num_heads)
     e = torch.zeros(2, ad.num_layers, ad.num_heads)
-    e[0, l, h], e[1, l, h] = 1e-2, -1e-2
+    # a small step: the margin's max has a kink where two other answers tie (granite4_vision's tiny
+    # model has its runner-up 1e-4 ahead of the third), and a step of 1e-2 crosses it
+    e[0, l, h], e[1, l, h] = 1e-3, -1e-3
     fd = naive.gradients(e, stat, "output")[1]
-    assert abs(float(fd[0] - fd[1]) / 2e-2 - float(g[0, l, h])) < 1e-3 + 1e-2 * abs(float(g[0, l, h]))
+    assert abs(float(fd[0] - fd[1]) / 2e-3 - float(g[0, l, h])) < 1e-3 + 1e-2 * abs(float(g[0, l, h]))
     if family not in NO_FAST_PATH:
         fast = AblationRunner(model, None, base, fast=True, chunk=2).prepare(inputs=inputs)
         for path in ("kv", "output"):
@@ -263,13 +266,18 @@ def test_gradient_scores_library_call(default_model, shapes):
         gradient_scores(model, proc, ex["image"], ex["question"], method="saliency")
 
 
-def test_cross_attention_families_refuse_in_one_line():
-    model, inputs = tiny("mllama", batch=1)
+@pytest.mark.parametrize("family", ["mllama", "idefics"])
+def test_cross_attention_families_refuse_in_one_line(family):
+    """The scorers refuse; the ablation weight itself is anchored there too (1 = the exact ablation)."""
+    model, inputs = tiny(family, batch=1)
     ad = get_adapter(model)
-    runner = AblationRunner(model, None, mean_like_baseline(model, inputs)).prepare(inputs=inputs)
+    runner = AblationRunner(model, None, random_baseline(ad)).prepare(inputs=inputs)
     with pytest.raises(HeadsteerError, match="cross-attention.*--scorer coar") as e:
         score_heads(runner, "atp*", Readout(3, "logit"))
     assert "\n" not in str(e.value) and ad.cross_attention
+    masks = torch.rand(2, ad.num_layers, ad.num_heads, generator=torch.Generator().manual_seed(0)) < 0.5
+    _, y = runner.gradients(masks.float(), lambda lg: lg[:, 3], "output")
+    torch.testing.assert_close(y, runner(masks)[:, 3], atol=1e-5, rtol=0)
 
 
 def test_settings_check_the_scorer():
