@@ -15,7 +15,7 @@ from __future__ import annotations
 from headsteer.exports import lazy_getattr
 
 _NAMES = {"AblationRunner": "engine", "ablated_logits": "engine", "naive_logits": "engine", "fit": "regression",
-          "sample_masks": "regression", "statistic": "regression"}
+          "sample_masks": "regression", "statistic": "regression", "gradient_scores": "gradient"}
 
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -24,7 +24,13 @@ from headsteer.parallel import process_shard
 @click.option("--statistic", default="margin", show_default=True, type=click.Choice(["logit", "margin"]),
               help="margin: answer logit minus the best other answer of the data set; logit: the answer logit")
 @click.option("--method", default="ridge", show_default=True, type=click.Choice(["ridge", "lasso"]),
-              help="linear model from masks to the statistic; its penalty is chosen by cross-validation")
+              help="linear model from masks to the statistic (--scorer coar); its penalty is chosen by cross-validation")
+@click.option("--scorer", default="coar", show_default=True, type=click.Choice(["coar", "atp", "atp*", "grad-coar"]),
+              help="what ranks the heads: coar (regression over --masks random masks), atp / atp* (gradient estimates of "
+                   "single-head ablation, one forward and backward per image), grad-coar (COAR's coefficients from the "
+                   "gradients at --grad-masks random masks)")
+@click.option("--grad-masks", default=32, show_default=True, type=int,
+              help="random masks per image and rate whose gradients grad-coar averages")
 @click.option("--n-eval", default=40, show_default=True, help="held-out examples for the faithfulness/completeness curves")
 @click.option("--k-max", default=None, type=click.IntRange(min=1), help="largest k of the curves (default: every head)")
 @click.option("--n-random", default=3, show_default=True, type=click.IntRange(min=0), help="random rankings in the curves (their per-image mean)")
@@ -38,9 +44,9 @@ from headsteer.parallel import process_shard
 @force_opt
 @self_check_opt
 @friendly
-def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, alpha, baseline, statistic, method, n_eval, k_max,
-              n_random, min_gap, no_compare, seed, out, force, no_self_check):
-    """Rank heads by how much the answer depends on the image flowing through them (COAR)."""
+def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, alpha, baseline, statistic, method, scorer, grad_masks,
+              n_eval, k_max, n_random, min_gap, no_compare, seed, out, force, no_self_check):
+    """Rank heads by how much the answer depends on the image flowing through them (COAR, or gradients)."""
     from headsteer import load
     from headsteer.data import load_data
     from headsteer.errors import HeadsteerError
@@ -50,7 +56,8 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
     from .run import OUTPUTS, Settings
 
     s = Settings(n_images=n_images, masks=masks, alpha=alpha, baseline=baseline, statistic=statistic, method=method,
-                 seed=seed, compare=not no_compare, n_random=n_random)  # checks the settings before loading anything
+                 seed=seed, compare=not no_compare, n_random=n_random, scorer=scorer,
+                 grad_masks=grad_masks)  # checks the settings before loading anything
     check_out(out)
     t0 = time.perf_counter()
     m, proc = load(model, device=device, dtype=dtype, device_map=device_map)
@@ -79,5 +86,9 @@ def attribute(model, device, dtype, device_map, data, qtype, n_images, masks, al
     click.echo(f"wrote {out}/: {' '.join(written)}")
     if done[0]:  # what a paper-scale run will cost, from this one
         click.echo(f"time: model loaded in {t_load:.1f} s; {done[0]} images {'attributed' if no_compare else '(attributed and held out)'} in {t_run:.1f} s "
-                   f"({t_run / done[0]:.3f} s per image at {masks} masks)")
+                   f"({t_run / done[0]:.3f} s per image {_work(scorer, masks, grad_masks)})")
+
+
+def _work(scorer, masks, grad_masks) -> str:
+    return {"coar": f"at {masks} masks", "grad-coar": f"with grad-coar at {grad_masks} masks"}.get(scorer, f"with {scorer}")
 

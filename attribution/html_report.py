@@ -195,7 +195,8 @@ def attribution_payload(data: dict, agg: dict, rows: list[dict], examples=None, 
 
 def write_attribution_report(out: Path, data: dict, agg: dict, rows: list[dict], examples=None) -> Path:
     n = data.get("n_images", len(rows))
-    title = f"headsteer attribute: {n} image{'s' * (n != 1)}"
+    scorer = (data.get("settings") or {}).get("scorer", "coar")
+    title = f"headsteer attribute ({scorer}): {n} image{'s' * (n != 1)}"
     return write_text(Path(out) / REPORT, page(title, attribution_payload(data, agg, rows, examples)))
 
 

@@ -18,6 +18,7 @@ from headsteer.parallel import process_shard
 from . import html_report, report
 from .curves import headline, k_grid, measure, random_rankings, summarize
 from .engine import AblationRunner
+from .gradient import EXTRA
 from .regression import fit_correlation
 from .run import Settings, aggregate, answer_candidates, ranked_heads, rate_key, run_attribution, self_check
 from .similarity import easy_vqa_labels, group_similarity
@@ -104,6 +105,8 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
     curves = similarity = regimes = None
     if settings.compare and held:
         rankings = {n: ranked_heads(agg["rates"][rate_key(a)]["mean"]) for n, a in names.items()}
+        if EXTRA in agg:
+            rankings[EXTRA] = ranked_heads(agg[EXTRA])
         rankings.update({"single-head": ranked_heads(agg["single"]), "attention": ranked_heads(agg["attention"])})
         rankings.update({f"random#{j}": r for j, r in enumerate(random_rankings(L, H, settings.n_random, settings.seed))})
         cands = answer_candidates(ad, dataset)
@@ -129,15 +132,16 @@ def attribute_dataset(model, processor, dataset, settings: Settings, out_dir, k_
             similarity = group_similarity(np.array([rows[i]["scores"] for i in keep]), [shapes[i] for i in keep],
                                           [colors[i] for i in keep])
     rates = rate_tables(agg, names, top_frac)
-    extra = {"held_out": held_out, "primary_alpha": settings.rates[0], "rates": rates,
+    extra = {"held_out": held_out, "scorer": settings.scorer, "primary_alpha": settings.rates[0], "rates": rates,
              "model": model_record(model, L, H),  # what an edit --from-attribution checks it is applied to
              "layer_profile": rates[0]["layer_profile"],
              **({"attention_correlation": rates[0]["attention_correlation"]} if "attention_correlation" in rates[0] else {}),
              **({"regimes": regimes} if regimes else {})}
     data = report.write_heads_json(out, asdict(settings), base.describe(), agg, curves, similarity, extra)
     report.save_scores(out, rows, agg)
-    report.plot_heatmap(out, agg["mean"], f"head attribution ({agg['n_images']} images, {settings.baseline} baseline, "
-                                          f"alpha {rate_key(settings.rates[0])})")
+    rate = "" if settings.scorer in ("atp", "atp*") else f", alpha {rate_key(settings.rates[0])}"
+    report.plot_heatmap(out, agg["mean"], f"head attribution by {settings.scorer} ({agg['n_images']} images, "
+                                          f"{settings.baseline} baseline{rate})")
     report.plot_layers(out, rates, L)
     if curves:
         report.plot_curves(out, curves)

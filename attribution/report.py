@@ -14,13 +14,20 @@ from headsteer.errors import HeadsteerError
 from headsteer.files import save_figure, save_safetensors, write_json, write_text
 from headsteer.paths import read_text
 
+from .gradient import EXTRA
 from .regression import fit_correlation
 from .run import ranked_heads
+
+# how each scorer makes its ranking, for summary.md
+SCORED_BY = {"coar": "COAR (ridge/lasso over random ablation masks)",
+             "atp": "AtP (gradient at the clean model, keys/values a head reads moving linearly)",
+             "atp*": "AtP* (gradient at the clean model with the exact change of each head's output, and GradDrop)",
+             "grad-coar": "grad-coar (COAR's coefficients from the mean gradient at random masks)"}
 
 
 def save_scores(out: Path, rows, agg):
     t = {"per_image": torch.tensor(np.array([r["scores"] for r in rows]), dtype=torch.float32)}
-    for k in ("mean", "stderr", "topk_freq", "single", "attention"):
+    for k in ("mean", "stderr", "topk_freq", "single", "attention", EXTRA):
         if k in agg:
             t[k] = torch.tensor(agg[k], dtype=torch.float32)
     for key, r in agg.get("rates", {}).items():
@@ -250,15 +257,26 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
         n = c["denominator"]["n_used"]
         lines += [f"**Heads needed for 80% (of {n} held-out images):** "
                   + " ".join(f"{k.capitalize()}: {v}" for k, v in c["headline"].items()), ""]
+    scorer = s.get("scorer", "coar")
+    if scorer == "coar":
+        work = f"masks per image: {s['masks']} per rate, alpha {alphas}, statistic: answer {s['statistic']}, fit: {s['method']}"
+    elif scorer == "grad-coar":
+        work = f"gradient passes per image: {s['grad_masks']} masks per rate, alpha {alphas}, statistic: answer {s['statistic']}"
+    else:
+        work = f"gradient passes per image: one batched forward and backward, statistic: answer {s['statistic']}"
+    fit_what = {"coar": "linear-fit correlation on held-out masks (how well a linear model of the heads predicts the statistic; "
+                        "not faithfulness)",
+                "grad-coar": "linear-fit correlation at the gradient masks (the mean gradient as a linear model of the heads "
+                             "against the statistic measured there; not fitted to those values)"}.get(scorer)
     lines += [
-        f"- images: {data['n_images']} (clean accuracy {data['clean_accuracy']:.1%}); masks per image: {s['masks']} per "
-        f"rate, alpha {alphas}, statistic: answer {s['statistic']}, fit: {s['method']}",
+        f"- ranking by: {SCORED_BY.get(scorer, scorer)}",
+        f"- images: {data['n_images']} (clean accuracy {data['clean_accuracy']:.1%}); {work}",
         f"- baseline: {data['baseline'].get('kind')} ({json.dumps(data['baseline'])})",
-        "- linear-fit correlation on held-out masks (how well a linear model of the heads predicts the statistic; "
-        "not faithfulness): " + "; ".join(
+        (f"- {fit_what}: " + "; ".join(
             f"alpha {r['alpha']:g}: Pearson {_fmt(r['fit_correlation']['pearson'])}, Spearman "
             f"{_fmt(r['fit_correlation']['spearman'])}" for r in rates)
-        if rates else f"- linear-fit correlation: Pearson {_fmt(f['pearson'])}, Spearman {_fmt(f['spearman'])}",
+         if rates else f"- linear-fit correlation: Pearson {_fmt(f['pearson'])}, Spearman {_fmt(f['spearman'])}")
+        if fit_what else "- linear-fit correlation: none (atp and atp* fit no linear model)",
     ]
     if "regimes" in data:
         lines.append("- regimes (mean of the curve over k; lead over the runner-up rate with its 95% paired bootstrap interval): "
@@ -303,7 +321,7 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
                          + (f"{_fmt(ac['spearman'])} (per image {_fmt(ac['spearman_per_image_mean'])})" if ac else "–") + " |")
     lines += [
         "",
-        f"## Top heads (alpha {rates[0]['alpha']:g})" if rates else "## Top heads",
+        f"## Top heads (alpha {rates[0]['alpha']:g})" if rates and scorer in ("coar", "grad-coar") else f"## Top heads ({scorer})",
         "",
         "| rank | head | score | stderr | top-5 freq |" + (" single-head drop | attention to image |" if "single" in h[0] else ""),
         "|---|---|---|---|---|" + ("---|---|" if "single" in h[0] else ""),

@@ -19,6 +19,7 @@ from headsteer.rundir import open_run, record, run_identity
 from headsteer.selfcheck import SKIPPED, check_example
 
 from .engine import AblationRunner
+from .gradient import EXTRA, Readout, check_scorer, gradient_refusal, score_heads
 from .regression import STATISTICS, fit, sample_masks, statistic
 
 
@@ -26,7 +27,10 @@ from .regression import STATISTICS, fit, sample_masks, statistic
 class Settings:
     """What determines an attribution's numbers (all of it goes into the run's identity).
     ``alpha``: the ablation rate, or several (a tuple): one regression per rate per image, on
-    ``masks`` masks each; the first rate is the primary ranking (``heads.json["heads"]``)."""
+    ``masks`` masks each; the first rate is the primary ranking (``heads.json["heads"]``). ``scorer``:
+    what makes the ranking — "coar" (the regression), "atp", "atp*" (gradient estimates of single-head
+    ablation at the clean model: no rate) or "grad-coar" (COAR's coefficients from the gradients at
+    ``grad_masks`` random masks per rate); see attribution/gradient.py."""
 
     n_images: int = 40
     masks: int = 256
@@ -37,9 +41,15 @@ class Settings:
     seed: int = 0
     compare: bool = True  # single-head ablation and attention-weight scores too
     n_random: int = 3  # random rankings in the curves
+    scorer: str = "coar"
+    grad_masks: int = 32
 
     def __post_init__(self):
+        check_scorer(self.scorer, self.grad_masks)
         rates = parse_rates(self.alpha)
+        if self.scorer in ("atp", "atp*") and len(rates) > 1:
+            raise HeadsteerError(f"--scorer {self.scorer} estimates each head's effect from the clean model and has no ablation "
+                                 "rate: give one --alpha (coar and grad-coar fit one ranking per rate)")
         self.alpha = rates[0] if len(rates) == 1 else rates  # one rate: a float, as in runs before rates
         if self.masks < 4:
             raise HeadsteerError(f"--masks must be at least 4 (masks per image and rate: the regression holds 2 out); got {self.masks}")
@@ -94,13 +104,14 @@ log = logging.getLogger("headsteer")
 
 
 def attribute_example(runner: AblationRunner, answer_id: int, s: Settings, seed: int, candidates=None) -> dict:
-    """One image (a prepared runner): a regression per ablation rate (the masks of every rate share one
-    uniform draw, thresholded at each rate), single-head ablation and attention weights, all masks in
-    one batch."""
+    """One image (a prepared runner): the scorer's ranking per ablation rate — a regression (the masks
+    of every rate share one uniform draw, thresholded at each rate) or a gradient scorer —, single-head
+    ablation and attention weights (all masks in one batch) and, with them, the atp* ranking as a cheap
+    extra baseline (``extra_ranking``)."""
     ad = runner.ad
     L, H = ad.num_layers, ad.num_heads
     rates = s.rates
-    per_rate = [sample_masks(s.masks, L, H, a, seed) for a in rates]
+    per_rate = [sample_masks(s.masks, L, H, a, seed) for a in rates] if s.scorer == "coar" else []
     none = torch.zeros(1, L, H, dtype=torch.bool)
     single = torch.eye(L * H, dtype=torch.bool).view(L * H, L, H) if s.compare else none[:0]
     def reduce(logits):  # on the device: the statistic, and whether the answer is the argmax
@@ -116,13 +127,35 @@ def attribute_example(runner: AblationRunner, answer_id: int, s: Settings, seed:
         f = fit(masks, y, s.method, seed=seed)
         fits[rate_key(a)] = {"scores": f.scores.round(6).tolist(), "intercept": f.intercept, "fit_pearson": f.fit_pearson,
                              "fit_spearman": f.fit_spearman, "penalty": f.penalty, "masked_mean": float(y.mean())}
+    readout = Readout(answer_id, s.statistic, candidates)
+    if s.scorer != "coar":
+        for a in rates:
+            scores, info = score_heads(runner, s.scorer, readout, a, s.grad_masks, seed)
+            fits[rate_key(a)] = {"scores": scores.numpy().round(6).tolist(), "intercept": float("nan"),
+                                 "fit_pearson": info.get("fit_pearson", float("nan")),
+                                 "fit_spearman": info.get("fit_spearman", float("nan")), "penalty": float("nan"),
+                                 "masked_mean": info.get("masked_mean", float("nan"))}
     first = fits[rate_key(rates[0])]
     row = {**first, "clean": clean, "correct": correct, "rates": fits}
     if s.compare:
-        st = stats[1 + len(rates) * s.masks :]
+        st = stats[1 + len(per_rate) * s.masks :]
         row["single"] = (clean - st).view(L, H).numpy().round(6).tolist()
         row["attention"] = runner.attention_to_image().round(6).tolist()
+        if extra_ranking(s, ad):
+            try:
+                extra = score_heads(runner, EXTRA, readout)[0]
+                row[EXTRA] = extra.numpy().round(6).tolist()
+            except HeadsteerError as e:  # e.g. an fp16 backward that overflows: the run goes on without this baseline
+                log.warning("the %s comparison ranking is left out for this image: %s", EXTRA, e)
     return row
+
+
+def extra_ranking(s: Settings, ad) -> bool:
+    """Whether a run adds the atp* ranking to its comparisons: with --compare, where the scorer is not
+    atp* itself and the gradient scorers run on this model. It costs one batched forward and backward
+    over the text suffix per image (docs/benchmarks.md), next to the scorer's masks and the single-head
+    ablations the comparisons run anyway."""
+    return s.compare and s.scorer != EXTRA and gradient_refusal(ad) is None
 
 
 def self_check(model, processor, example: dict, baseline, settings: Settings) -> dict:
@@ -194,6 +227,14 @@ def _fit_corr(r: dict, which: str) -> float:
     return r.get(f"fit_{which}", r.get(which, float("nan")))
 
 
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN (without numpy's warning) where there is none — atp and atp* fit no
+    linear model, so their rows carry no linear-fit correlation."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
 def _score_stats(S: np.ndarray, top_k: int) -> dict:
     N, L, H = S.shape
     top = np.argsort(-S.reshape(N, -1), axis=1)[:, :top_k]
@@ -211,8 +252,8 @@ def aggregate(rows: list[dict], top_k: int = 5) -> dict:
     N, L, H = S.shape
     agg = {
         **_score_stats(S, top_k),
-        "fit_pearson": float(np.nanmean([_fit_corr(r, "pearson") for r in rows])),
-        "fit_spearman": float(np.nanmean([_fit_corr(r, "spearman") for r in rows])),
+        "fit_pearson": _nanmean([_fit_corr(r, "pearson") for r in rows]),
+        "fit_spearman": _nanmean([_fit_corr(r, "spearman") for r in rows]),
         "n_images": N,
         "clean_accuracy": float(np.mean([r["correct"] for r in rows])),
         "per_class": {},
@@ -223,8 +264,10 @@ def aggregate(rows: list[dict], top_k: int = 5) -> dict:
     for key in rows[0].get("rates", {}):
         Sr = np.array([r["rates"][key]["scores"] for r in rows])
         agg["rates"][key] = {**_score_stats(Sr, top_k), "per_image": Sr,
-                             "fit_pearson": float(np.nanmean([r["rates"][key]["fit_pearson"] for r in rows])),
-                             "fit_spearman": float(np.nanmean([r["rates"][key]["fit_spearman"] for r in rows]))}
+                             "fit_pearson": _nanmean([r["rates"][key]["fit_pearson"] for r in rows]),
+                             "fit_spearman": _nanmean([r["rates"][key]["fit_spearman"] for r in rows])}
+    if all(EXTRA in r for r in rows):  # a comparison ranking only where every image has it
+        agg[EXTRA] = np.array([r[EXTRA] for r in rows]).mean(0)
     if "single" in rows[0]:
         agg["single"] = np.array([r["single"] for r in rows]).mean(0)
         agg["attention"] = np.array([r["attention"] for r in rows]).mean(0)

@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .ablation import interpolate
 from .attention_mask import NEG, additive_mask
 from .errors import HeadsteerError
 from .fastpath import prefixed_attention
@@ -150,9 +151,22 @@ def repeat_kv(x, n):
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
+def raw_scores(q, k, scaling):
+    return torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+
+
 def scores(q, k, scaling, softcap):
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    s = raw_scores(q, k, scaling)
     return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def part_way(abl, layer, query, key, value, kb, vb, n_rep, scaling, softcap, bias):
+    """Rows ablated part of the way (``Ablation.weight``, gradient attribution): each head at its weight
+    along the ablation's path (``headsteer.ablation.interpolate``), out of place so autograd can follow."""
+    t = abl.layer_weight(layer, query.device)[:, :, None, None]  # [B|1, H, 1, 1]
+    w, wb = interpolate(abl.path, t, raw_scores(query, repeat_kv(key, n_rep), scaling),
+                        raw_scores(query, repeat_kv(kb, n_rep), scaling), bias, softcap)
+    return torch.matmul(w, repeat_kv(value, n_rep).float()) + torch.matmul(wb, repeat_kv(vb, n_rep).float())
 
 
 def score_bias(session, layer, keys, bias, q_len, k_len, dev):
@@ -211,8 +225,11 @@ def attend_eager(module, session, layer, query, key, value, attention_mask, scal
         abl, groups = spec.ablation, session.groups_for(spec)
         image_keys = group(groups, "image", keys)
         kb, vb = abl.placed(layer, key, value, image_keys, pad_group(groups["image"].to(dev), keys[1], False), keys[0])
-        probs_b = torch.softmax(scores(query, repeat_kv(kb, n_rep), scaling, softcap) + bias, dim=-1)
-        out_b = torch.matmul(probs_b, repeat_kv(vb, n_rep).float())
+        if abl.weight is None:
+            probs_b = torch.softmax(scores(query, repeat_kv(kb, n_rep), scaling, softcap) + bias, dim=-1)
+            out_b = torch.matmul(probs_b, repeat_kv(vb, n_rep).float())
+        else:
+            out_b = part_way(abl, layer, query, key, value, kb, vb, n_rep, scaling, softcap, bias)
         # every text query that sees the image: also tokens between image tiles or images
         sees = group(groups, "sees_image", keys)[:, k_len - q_len:]
         out = torch.where(abl.selected(layer, sees, dev), out_b, out)
@@ -249,7 +266,9 @@ def attend_cross(module, session, layer, query, key, value, attention_mask, scal
     if spec is not None and spec.ablation.acts_on(layer):
         abl = spec.ablation
         kb, vb = abl.image_kv(layer, n, key.dtype, dev)  # [Hkv, n, d]
-        out = torch.where(abl.selected(layer, None, dev), attend(kb[None], vb[None]), out)
+        out_b = (attend(kb[None], vb[None]) if abl.weight is None
+                 else part_way(abl, layer, query, key, value, kb[None], vb[None], n_rep, scaling, None, bias))
+        out = torch.where(abl.selected(layer, None, dev), out_b, out)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger("headsteer")
 # instead of importing every command (tests/test_cli_speed.py checks it against each command's own help)
 COMMANDS = {
     "attribute": ("headsteer.attribution.cli", "attribute",
-                  "Rank heads by how much the answer depends on the image flowing through them (COAR)."),
+                  "Rank heads by how much the answer depends on the image flowing through them (COAR, or gradients)."),
     "flow": ("headsteer.attribution.flow_cli", "flow", "Attention knockout between token groups, layer window by layer window."),
     "edit": ("headsteer.edit.cli", "edit", "Make an edit manifest for the chosen heads."),
     "export": ("headsteer.edit.cli", "export_cmd", "Write the edited model as a Hugging Face checkpoint."),

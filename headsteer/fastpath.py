@@ -21,6 +21,7 @@ import warnings
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .ablation import interpolate
 from .attention_mask import additive_mask
 from .errors import HeadsteerError
 
@@ -144,6 +145,10 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
     pk, pv = pre.kv(module.layer_idx)  # [Hkv, P, d], image block last; indexed by the model's layer index
     nr = pre.n_rest
     smask, pmask = pre.masks(module, attention_mask, s, query.device)
+    spec = session.ablating()
+    abl = spec.ablation if spec is not None else None
+    if torch.is_grad_enabled() and (query.requires_grad or (abl is not None and abl.weight is not None)):
+        return differentiable(layer, pre, pk, pv, query, key, value, smask, pmask, scaling, softcap, abl)
     # one copy into the row layout ([M, Hq, s, d] usually comes as a transposed view)
     q_rows = query.view(M, Hkv, G, s, d).transpose(0, 1).reshape(Hkv, M * G * s, d)
 
@@ -154,8 +159,6 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
               slse.view(M, Hkv, G * s, 1).transpose(0, 1).reshape(Hkv, -1, 1))
     out = merge(suffix, attend_block(q_rows, pk, pv, scaling, softcap, pmask, fused=pre.fused, failed=pre.failed))[0]
 
-    spec = session.ablating()
-    abl = spec.ablation if spec is not None else None
     if abl is not None and abl.acts_on(layer):
         rows, valid = abl.fast_rows(M, Hkv, s, query.device)
         at = rows[layer][..., None]  # [Hkv, N, 1]
@@ -172,6 +175,47 @@ def prefixed_attention(module, session, layer, pre: Prefix, query, key, value, a
                                        fused=pre.fused, failed=pre.failed))
         # padding rows (heads with fewer ablated rows than the most) keep their clean value
         out.scatter_(1, atd, torch.where(valid[layer][..., None], merge(*blocks)[0], out.gather(1, atd)))
+    return out.to(query.dtype).view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d), None
+
+
+def differentiable(layer, pre: Prefix, pk, pv, query, key, value, smask, pmask, scaling, softcap, abl):
+    """``prefixed_attention`` for a forward that builds a graph (gradient attribution): every row in one
+    softmax over all its keys — the shared prefix, still read through the row folding, and its own
+    suffix — out of place so that autograd can follow, and no fused kernel (it returns no gradient of
+    its log-sum-exp). Ablated rows sit at their weight along the ablation's path
+    (``headsteer.ablation.interpolate``; with no weight, fully ablated). The prefix K/V hold no graph:
+    gradients flow through the suffix only. Costs a [KV heads, rows, prefix + suffix] fp32 score tensor
+    per layer, kept for the backward pass."""
+    M, Hq, s, d = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    nr, P = pre.n_rest, pre.length
+    q = query.float().reshape(M, Hkv, G * s, d)
+    q_rows = q.transpose(0, 1).reshape(Hkv, M * G * s, d)  # rows (mask, query head in group, position) per KV head
+    s_pre = torch.matmul(q_rows, pk.float().transpose(1, 2)) * scaling  # [Hkv, R, P]
+    s_suf = (torch.matmul(q, key.float().transpose(-1, -2)) * scaling).transpose(0, 1).reshape(Hkv, M * G * s, s)
+    # the model's mask, by suffix position (row r is position r % s): prefix columns, then suffix columns
+    bias = torch.cat([query.new_zeros((s, P), dtype=torch.float32) if pmask is None else pmask,
+                      query.new_zeros((s, s), dtype=torch.float32) if smask is None else smask[0].reshape(s, s)], -1)
+    shape = (Hkv, M * G, s, P + s)
+    sc = torch.cat([s_pre, s_suf], -1).view(shape)
+    if abl is None or not abl.acts_on(layer):
+        w = torch.softmax((sc if softcap is None else torch.tanh(sc / softcap) * softcap) + bias, dim=-1)
+        wb = None
+    else:
+        kb, vb = abl.image_kv(layer, pre.n_img, query.dtype, query.device)  # [Hkv, n, d]
+        s_img = torch.matmul(q_rows, kb.float().transpose(1, 2)) * scaling
+        sc_b = torch.cat([s_pre[..., :nr], s_img, s_suf], -1).view(shape)
+        t = abl.layer_weight(layer, query.device).expand(M, Hq).reshape(M, Hkv, G).transpose(0, 1)  # [Hkv, M, G]
+        w, wb = interpolate(abl.path, t.reshape(Hkv, M * G, 1, 1), sc, sc_b, bias, softcap)
+    w = w.reshape(Hkv, M * G * s, P + s)
+    wb = None if wb is None else wb.reshape(Hkv, M * G * s, P + s)
+    both = w if wb is None else w + wb  # the weights on keys whose values the baseline leaves as they are
+    suffix = torch.matmul(both[..., P:].reshape(Hkv, M, G * s, s).transpose(0, 1), value.float())  # [M, Hkv, G*s, d]
+    out = torch.matmul(both[..., :nr], pv[:, :nr].float()) + torch.matmul(w[..., nr:P], pv[:, nr:].float())
+    out = out + suffix.transpose(0, 1).reshape(Hkv, M * G * s, d)
+    if wb is not None:
+        out = out + torch.matmul(wb[..., nr:P], vb.float())
     return out.to(query.dtype).view(Hkv, M, G, s, d).permute(1, 3, 0, 2, 4).reshape(M, s, Hq, d), None
 
 

@@ -164,6 +164,24 @@ def _groups_hook(session: _Session):
     return hook
 
 
+def _grad_drop_hook(rows: torch.Tensor):
+    """GradDrop for one decoder layer: in the batch rows ``rows`` (bool [B]) the layer's output becomes
+    ``out.detach() + (in - in.detach())`` — the same values (the added term is exactly 0) with the
+    gradient passing only along the residual stream, none through what the layer added to it."""
+    def hook(mod, args, kwargs, output):
+        h_in = args[0] if args else kwargs.get("hidden_states")
+        h_out = output[0] if isinstance(output, tuple) else output
+        if not torch.is_grad_enabled() or not torch.is_tensor(h_in) or h_in.shape != h_out.shape:
+            return None
+        if h_out.shape[0] != len(rows):
+            raise HeadsteerError(f"grad_drop names {len(rows)} batch rows; this forward has {h_out.shape[0]}")
+        drop = rows.to(h_out.device).view(-1, *([1] * (h_out.ndim - 1)))
+        new = torch.where(drop, h_out.detach() + (h_in - h_in.detach()), h_out)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
 def _padded_before_text(am) -> bool:
     """A pad before some real token: left padding, or the gap that the BLIP-2/InstructBLIP processors
     leave between the image tokens they prepend and the left-padded text."""
@@ -206,6 +224,11 @@ class Intervention:
                 _push(stack, session.recorders, recorder)
             if capture is not None:
                 _push(stack, session.captures, capture)
+            if self._active.grad_drop is not None:  # hooks of this intervention alone, removed with it
+                for i, layer in enumerate(self._ad.language_model.layers):
+                    rows = self._active.grad_drop == i
+                    if bool(rows.any()):
+                        stack.callback(layer.register_forward_hook(_grad_drop_hook(rows), with_kwargs=True).remove)
             if session.needs_oproj_hooks() and not session.oproj_handles:
                 stack.callback(_remove_hooks, session.oproj_handles)
                 for i in range(self._ad.num_layers):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ablation import Ablation
+from .ablation import PATHS, Ablation
 from .errors import HeadsteerError
 from .heads import HeadSet
 
@@ -46,6 +46,12 @@ class Spec:
     - ``fp32_attention``: run every text layer through headsteer's fp32-arithmetic attention
       even when nothing else is active (the precision policy; implied in bf16/fp16 by ablation,
       knockout, attention scaling and recording).
+    - ``ablate_weight``: float [B|1, L, H] (may require grad): how far each head of ``ablate`` (every
+      head when ``ablate`` is None) is ablated, 0 = clean, 1 = ablated, along ``interpolation``
+      ("kv", "pattern" or "output": ``headsteer.ablation.interpolate``) — for gradient attribution.
+    - ``grad_drop``: long [B], per batch row the language model's decoder layer (its own index)
+      whose residual contribution passes no gradient backwards (-1: none); the forward is unchanged
+      (GradDrop, Kramár et al. 2024).
     """
 
     ablate: object = None
@@ -57,6 +63,9 @@ class Spec:
     groups: dict | None = None
     prefix: object = None
     fp32_attention: bool = False
+    ablate_weight: object = None
+    interpolation: str = "output"
+    grad_drop: object = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class ActiveSpec:
     groups: dict | None
     prefix: object
     fp32: bool
+    grad_drop: torch.Tensor | None = None
 
     @property
     def attention_level(self) -> bool:
@@ -108,11 +118,16 @@ def compile_spec(spec: Spec, ad) -> ActiveSpec:
     """Check ``spec`` against the model of ``ad`` (shapes, finite numbers, what its layout allows)."""
     L, H = ad.num_layers, ad.num_heads
     ablation = None
-    if spec.ablate is not None:
+    if spec.ablate is not None or spec.ablate_weight is not None:
         if spec.baseline is None:
             raise HeadsteerError("ablation needs a baseline: Spec(baseline=...) from headsteer.baseline.make_baseline")
         m = heads_mask(spec.ablate, ad, "cpu")
-        ablation = Ablation(m if m.ndim == 3 else m[None], spec.baseline)
+        m = m if m.ndim == 3 else m[None]
+        weight = None
+        if spec.ablate_weight is not None:
+            weight = _ablation_weight(spec, ad)
+            m = m.expand(weight.shape[0], -1, -1) if m.shape[0] == 1 else m
+        ablation = Ablation(m, spec.baseline, weight, spec.interpolation)
     image_attn = head_scale = head_add = None
     if spec.image_attn is not None:
         image_attn = _finite(torch.as_tensor(spec.image_attn, dtype=torch.float32), "image_attn")
@@ -137,5 +152,26 @@ def compile_spec(spec: Spec, ad) -> ActiveSpec:
                                  "token: knockout and image-attention scaling are not defined there; use ablation or head scaling")
         if spec.prefix is not None:
             raise HeadsteerError(f"{ad.model_type} has no fast path (cross-attention layers): run the naive path (fast=False)")
+    grad_drop = None
+    if spec.grad_drop is not None:
+        grad_drop = torch.as_tensor(spec.grad_drop).long().cpu()
+        n = len(ad.language_model.layers)
+        if grad_drop.ndim != 1 or bool(((grad_drop < -1) | (grad_drop >= n)).any()):
+            raise HeadsteerError(f"grad_drop must be long [B] of decoder layer indices in [-1, {n}) (-1: none)")
     return ActiveSpec(ablation, tuple(spec.knockouts), image_attn, head_scale, head_add, spec.groups, spec.prefix,
-                      bool(spec.fp32_attention))
+                      bool(spec.fp32_attention), grad_drop)
+
+
+def _ablation_weight(spec: Spec, ad) -> torch.Tensor:
+    """The checked ``ablate_weight``: float [B|1, L, H], finite, kept as given (a tensor that requires grad
+    stays the leaf the caller differentiates against)."""
+    if spec.interpolation not in PATHS:
+        raise HeadsteerError(f"unknown interpolation {spec.interpolation!r}: use one of {', '.join(PATHS)}")
+    w = torch.as_tensor(spec.ablate_weight)
+    if not w.is_floating_point():
+        raise HeadsteerError("ablate_weight must be a float tensor [B|1, layers, heads] (0 = clean, 1 = ablated)")
+    w = w if w.ndim == 3 else w[None]
+    if w.ndim != 3 or tuple(w.shape[1:]) != (ad.num_layers, ad.num_heads):
+        raise HeadsteerError(f"ablate_weight must be [B|1, {ad.num_layers}, {ad.num_heads}]; got {tuple(w.shape)}")
+    _finite(w.detach(), "ablate_weight")
+    return w

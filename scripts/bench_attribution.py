@@ -5,9 +5,13 @@
 - plain suffix: transformers' own forward of the same suffix tokens, no prefix, no intervention
   (the speed of the model's own forward: the bound the fast path aims at);
 - fast: headsteer's shared-prefix engine;
-with the fast path's share of the FLOP bound and peak GPU memory on a GPU.
+with the fast path's share of the FLOP bound and peak GPU memory on a GPU. ``--scorers`` instead times
+the seconds per image to rank every head by each scorer of ``headsteer attribute --scorer`` (COAR at
+256 and 1,000 masks, atp, atp*, grad-coar), the shared prefix included, with each one's peak memory.
 
     python scripts/bench_attribution.py                          # default model, CPU, fp32
+    python scripts/bench_attribution.py --scorers                # seconds per image of each scorer
+    python scripts/bench_attribution.py --scorers --llava7b-shape --layers 2 --device cpu --dtype fp32
     python scripts/bench_attribution.py --model /tmp/llava7b --device cuda --dtype bf16
     python scripts/bench_attribution.py --llava7b-shape          # in-memory random LLaVA-1.5-7B shape (GPU)
 """
@@ -16,9 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import threading
 import time
 
 import _checkout  # noqa: F401  (refuses to run against another tree's headsteer)
+import numpy as np
 import torch
 
 import headsteer
@@ -26,7 +32,8 @@ from headsteer import fastpath
 from headsteer.adapters import get_adapter
 from headsteer.ask import default_image
 from headsteer.attribution.engine import AblationRunner, naive_logits
-from headsteer.attribution.regression import sample_masks, statistic
+from headsteer.attribution.gradient import Readout, score_heads
+from headsteer.attribution.regression import fit, sample_masks, statistic
 from headsteer.baseline import ZeroBaseline, make_baseline
 from headsteer.intervention import intervene
 
@@ -94,6 +101,10 @@ def main():
                     help="then also time the plain and the fast path with the language model's MLPs and norms compiled "
                          "(torch.compile; attention stays headsteer's)")
     ap.add_argument("--baseline", default=None, help="mean / blank / zero (default: mean for the default model, else zero)")
+    ap.add_argument("--scorers", action="store_true", help="seconds per image of each attribute --scorer instead")
+    ap.add_argument("--coar-masks", default="256,1000", help="--scorers: COAR's masks per image, comma-separated")
+    ap.add_argument("--grad-masks", type=int, default=32, help="--scorers: grad-coar's gradient masks per image")
+    ap.add_argument("--reps", type=int, default=5, help="--scorers: timed repetitions of each, round robin (after a warm-up)")
     args = ap.parse_args()
     dev = args.device
     dtype = DTYPES[args.dtype or ("bf16" if dev.startswith("cuda") else "fp32")]
@@ -111,6 +122,8 @@ def main():
         name = f"{args.model} ({ad.model_type})"
         kind = args.baseline or ("mean" if args.model == "default" else "zero")
         base = make_baseline(model, proc, kind) if kind != "zero" else ZeroBaseline(ad.num_kv_heads, ad.head_dim)
+    if args.scorers:
+        return bench_scorers(model, ad, inputs, base, name, dev, dtype, args)
     masks = sample_masks(args.masks, ad.num_layers, ad.num_heads, 0.1, seed=0)
     T = inputs["input_ids"].shape[1]
     runner = AblationRunner(model, None, base, fast=True, chunk=args.chunk).prepare(inputs=inputs)
@@ -181,6 +194,101 @@ def main():
         print(f"compiled ({n} MLP/norm modules, {t_compile:.0f} s to compile): plain suffix {1 / t_plain_c:.1f} masks/s, "
               f"fast as attribute runs it {1 / t_stat_c:.1f} masks/s ({t_plain / t_stat_c:.2f} of the uncompiled plain "
               f"suffix forward, {t_plain_c / t_stat_c:.2f} of the compiled one)")
+
+
+class PeakMemory:
+    """Peak memory of a block beyond what was held when it started: on a GPU the allocator's peak; on the
+    CPU the process's resident set, sampled every 2 ms by a thread (torch's CPU allocator keeps no peak)."""
+
+    def __init__(self, dev):
+        self.gpu = str(dev).startswith("cuda")
+        self.peak = 0.0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.top = self.rss()
+            self.running = True
+
+            def sample():
+                while self.running:
+                    self.top = max(self.top, self.rss())
+                    time.sleep(0.002)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.gpu:
+            torch.cuda.synchronize()
+            self.peak = (torch.cuda.max_memory_allocated() - self.start) / 2 ** 30
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = (max(self.top, self.rss()) - self.start) / 2 ** 30
+        return False
+
+
+def bench_scorers(model, ad, inputs, base, name, dev, dtype, args):
+    """Seconds per image to rank every head, by scorer, the shared prefix (vision tower included) counted
+    in each: what `headsteer attribute --scorer X --no-compare` spends per image."""
+    L, H = ad.num_layers, ad.num_heads
+    # any answer token and 16 candidate answers, as in the masks/s figures: the cost does not depend on them
+    stat = Readout(int(inputs["input_ids"][0, -1]), "margin", range(16))
+
+    def coar(m):
+        def run():
+            runner = AblationRunner(model, None, base).prepare(inputs=inputs)
+            masks = sample_masks(m, L, H, 0.1, seed=0)
+            fit(masks, runner(masks, stat))
+        return run
+
+    def grad(scorer):
+        def run():
+            runner = AblationRunner(model, None, base).prepare(inputs=inputs)
+            score_heads(runner, scorer, stat, 0.1, args.grad_masks)
+        return run
+
+    prep = AblationRunner(model, None, base).prepare(inputs=inputs)
+    jobs = [("prefix only (prepare)", lambda: AblationRunner(model, None, base).prepare(inputs=inputs))]
+    jobs += [(f"coar, {m} masks", coar(m)) for m in (int(x) for x in args.coar_masks.split(","))]
+    jobs += [("atp (1 forward + backward)", grad("atp")),
+             (f"atp* ({len(ad.language_model.layers) + 1} rows: QK fix + GradDrop)", grad("atp*")),
+             (f"grad-coar, {args.grad_masks} masks", grad("grad-coar"))]
+    T = inputs["input_ids"].shape[1]
+    print(f"model: {name}; {L} layers x {H} heads ({ad.num_kv_heads} KV); device {dev}, {dtype}; prompt {T} tokens = "
+          f"prefix {prep.prefix_length} + suffix {T - prep.prefix_length}; path {prep.path}")
+    del prep
+    times, peaks = {label: [] for label, _ in jobs}, {}
+    for label, fn in jobs:  # warm-up, and each one's peak memory on its own
+        with PeakMemory(dev) as mem:
+            fn()
+            sync(dev)
+        peaks[label] = mem
+    for _ in range(args.reps):  # round robin, so that a shared machine's load changes hit every scorer alike
+        for label, fn in jobs:
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            times[label].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    for label, _ in jobs:
+        mem = peaks[label]
+        print(f"{label:<42} {med[label]:9.3f} s per image (median of {args.reps}; min {min(times[label]):.3f})   "
+              f"peak {'GPU' if mem.gpu else 'RSS'} +{mem.peak:.3f} GiB", flush=True)
+    ref = [k for k in med if k.startswith("coar")]
+    for k in med:
+        if not k.startswith(("coar", "prefix")):
+            print(f"{k.split(' (')[0]:<12} is " + ", ".join(f"{med[r] / med[k]:.1f}x faster than {r}" for r in ref))
 
 
 def compile_dense(ad) -> int:

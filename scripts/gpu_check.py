@@ -233,7 +233,13 @@ def main():
                           "--dtype", args.dtype, "--masks", "1024", "--naive-masks", "4", "--question", LONG_QUESTION,
                           "--compile"], need=90, timeout=300)
         STATE["extra"]["bench_llava7b_suffix19"] = bench19
+        # seconds per image of every --scorer (COAR at 256 and 1,000 masks, atp, atp*, grad-coar), peak memory
+        scorers = script("bench: scorers, llava-1.5-7b shape", [py, str(ROOT / "scripts" / "bench_attribution.py"), "--model",
+                         str(llava), "--device", args.device, "--dtype", args.dtype, "--scorers"], need=90, timeout=300)
+        STATE["extra"]["bench_scorers_llava7b"] = scorers
         load_and_attribute(str(llava), work, dev, "llava7b", args.n_images, args.masks)
+        step("llava7b: attribute --scorer atp*", ["attribute", "--model", str(llava), "--scorer", "atp*", "--n-images",
+             str(args.n_images), "--no-compare", "--out", str(work / "out-llava7b" / "attr-atp"), "--force", *dev], need=40)
         project("llava7b", args.n_images, args.masks)
         precision_at_shape(llava, args.device)
     script("tests: test_gpu.py, test_precision.py", [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",

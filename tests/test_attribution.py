@@ -115,7 +115,9 @@ def test_cli_attribute_writes_every_output(tmp_path):
     assert len(data["heads"]) == 32 and data["baseline"]["kind"] == "mean"
     assert "faithfulness" not in data and set(data["fit_correlation"]) >= {"pearson", "spearman"}
     c = data["curves"]
-    assert set(c["rankings"]) == {"attribution@0.1", "attribution@0.6", "single-head", "attention", "random"}
+    # the atp* ranking joins every run with comparisons (a gradient baseline; --scorer coar is the default)
+    assert set(c["rankings"]) == {"attribution@0.1", "attribution@0.6", "atp*", "single-head", "attention", "random"}
+    assert data["scorer"] == "coar"
     assert c["k"] == list(range(33)) and c["denominator"]["n_images"] == 3
     for name, r in c["rankings"].items():
         assert r["faithfulness"]["mean"][0] == 0 and r["faithfulness"]["mean"][32] == pytest.approx(1)
@@ -128,7 +130,7 @@ def test_cli_attribute_writes_every_output(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.splitlines()[2].startswith("**Heads needed for 80%") and "Where the heads sit" in summary
     scores = headsteer.attribution.report.load_scores(out)
-    assert scores["per_image"].shape == (3, 4, 8) and scores["mean@0.6"].shape == (4, 8)
+    assert scores["per_image"].shape == (3, 4, 8) and scores["mean@0.6"].shape == (4, 8) and scores["atp*"].shape == (4, 8)
     # report.html: both rates' grids, the images with their object masks (test_report_html.py has the rest)
     page = (out / "report.html").read_text()
     blob = json.loads(re.search(r"id='headsteer-data'>(.*?)</script>", page, re.S).group(1))

@@ -40,6 +40,7 @@ def test_readme_is_short_and_links_the_docs():
 
 @pytest.mark.parametrize("target", ["headsteer.loading.load", "headsteer.intervention.intervene", "headsteer.heads.HeadSet",
                                     "headsteer.attribution.engine.ablated_logits", "headsteer.attribution.engine",
+                                    "headsteer.attribution.gradient.gradient_scores",
                                     "headsteer.edit.apply.apply_edit", "headsteer.edit.checkpoint.export"])
 def test_public_docstring_examples_run(target, tmp_path, monkeypatch):
     """Each public function's docstring carries a short example that runs (doctest)."""

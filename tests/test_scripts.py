@@ -53,7 +53,8 @@ def test_gpu_check_steps_run_on_the_cpu(tmp_path):
     failed = [(s["step"], s["error"]) for s in summary["steps"] if s["ok"] is False]
     assert r.returncode == 0 and not failed, (failed, r.stdout[-3000:], r.stderr[-2000:])
     ran = {s["step"] for s in summary["steps"] if s["ok"]}
-    for must in ("make llava-1.5-7b", "bench: llava-1.5-7b shape", "llava7b: attribute 2 img x 128 masks",
+    for must in ("make llava-1.5-7b", "bench: llava-1.5-7b shape", "bench: scorers, llava-1.5-7b shape",
+                 "llava7b: attribute 2 img x 128 masks", "llava7b: attribute --scorer atp*",
                  "precision contract at llava-1.5-7b", "llava7b: eval (accuracy + transfer)", "llava7b: export (scale, baked)"):
         assert must in ran, (must, sorted(ran))
     assert summary["projections"][0]["model"] == "llava7b"
