@@ -12,7 +12,8 @@ Figures: Spearman of the mean scores over images, top-10% recall of that ranking
 images of the per-image Spearman and top-10% recall. Variants measured beside the scorers: atp* without
 GradDrop, atp* with the value part linear at the clean pattern (Kramár et al.'s separate-node QK fix),
 atp* with the statistic's max over the other answers linearised (no exact readout), and COAR against
-itself with other masks (its own noise at this number of masks).
+itself with other masks (its own noise at this number of masks), and grad-coar with the plain mean of
+the gradients in place of the trapezoid rule.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def one_prompt(runner, answer_id, candidates, masks, seed, timing) -> dict:
                 "atp* with the max linearised": dict(exact_readout=False)}
     for name, kw in variants.items():
         out[name] = G.atp_star(runner, readout, **kw)[0].numpy().reshape(-1)
+    out["grad-coar, mean of the gradients"] = G.grad_coar(runner, readout, 0.1, 32, seed, trapezoid=False)[0].numpy().reshape(-1)
     return out
 
 
@@ -90,7 +92,8 @@ def table(per: dict[str, np.ndarray], pairs) -> list[dict]:
 
 PAIRS = [("atp", "single"), ("atp*", "single"), ("atp* without GradDrop", "single"),
          ("atp* with the clean-pattern value part (path pattern)", "single"), ("atp* with the max linearised", "single"),
-         ("grad-coar", "coar"), ("coar, other masks", "coar"), ("grad-coar", "single"), ("coar", "single")]
+         ("grad-coar", "coar"), ("grad-coar, mean of the gradients", "coar"), ("coar, other masks", "coar"),
+         ("grad-coar", "single"), ("coar", "single")]
 
 
 def default_model(n_images, masks):

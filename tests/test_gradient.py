@@ -185,8 +185,8 @@ def test_fp16_overflow_is_one_line(default_model, shapes):
 
 def _agreement(default_model, shapes, n):
     """Over n images, per image [n, 32]: exact single-head drop, atp, atp*, COAR (256 masks; again with
-    other masks: coar'), grad-coar."""
-    out = {k: [] for k in ("single", "atp", "atp*", "coar", "coar'", "grad-coar")}
+    other masks: coar'), grad-coar (and with the plain mean of its gradients: grad-mean)."""
+    out = {k: [] for k in ("single", "atp", "atp*", "coar", "coar'", "grad-coar", "grad-mean")}
     for i in range(n):
         runner, stat = _prepared(default_model, shapes, i)
         out["single"].append(_single_head_drop(runner, stat))
@@ -197,6 +197,7 @@ def _agreement(default_model, shapes, n):
         other = sample_masks(256, 4, 8, 0.1, seed=1000 + i)  # COAR again with other masks: its own noise
         out["coar'"].append(torch.tensor(fit(other, runner(other, stat), seed=i).scores))
         out["grad-coar"].append(grad_coar(runner, stat, 0.1, 32, seed=100 + i)[0])
+        out["grad-mean"].append(grad_coar(runner, stat, 0.1, 32, seed=100 + i, trapezoid=False)[0])
     return {k: torch.stack(v).flatten(1).numpy() for k, v in out.items()}
 
 
@@ -217,17 +218,19 @@ def test_estimates_agree_with_what_they_estimate_on_the_default_model(default_mo
                 np.mean([_recall(a, b) for a, b in zip(s[k], s[ref])]))
 
     pairs = (("atp*", "single"), ("atp", "single"), ("grad-coar", "coar"), ("grad-coar", "single"), ("coar", "single"),
-             ("coar'", "coar"))
+             ("coar'", "coar"), ("grad-mean", "coar"))
     got = {f"{k} vs {ref}": per_image(k, ref) for k, ref in pairs}
     means = {f"{k} vs {ref}": spearmanr(s[k].mean(0), s[ref].mean(0)).statistic for k, ref in pairs}
     print({k: tuple(round(float(x), 3) for x in v) for k, v in got.items()}, {k: round(float(v), 3) for k, v in means.items()})
     # measured on the fine-tuned default model: atp* 0.965 per image (recall 0.94), 0.985 of the means; atp 0.859;
-    # grad-coar vs COAR 0.842 per image, 0.788 of the means, where COAR with other masks gives about the same
-    # (COAR's own noise at 256 masks on 12 images): grad-coar is held to that floor, not to a fixed figure
+    # grad-coar vs COAR 0.857 per image and 0.904 of the means, where COAR with other masks gives 0.804 / 0.852
+    # (its own noise at 256 masks on 12 images) and the plain mean of the gradients 0.848 / 0.788
     assert got["atp* vs single"][0] >= 0.9 and got["atp* vs single"][1] >= 0.8 and means["atp* vs single"] >= 0.9
     assert got["atp vs single"][0] < got["atp* vs single"][0]
-    assert got["grad-coar vs coar"][0] >= got["coar' vs coar"][0] - 0.1 and got["grad-coar vs coar"][0] >= 0.7
-    assert means["grad-coar vs coar"] >= means["coar' vs coar"] - 0.1
+    # grad-coar is held to COAR's own noise floor, not to a fixed figure; the trapezoid beats the plain mean
+    assert got["grad-coar vs coar"][0] >= got["coar' vs coar"][0] - 0.02 and got["grad-coar vs coar"][0] >= 0.7
+    assert means["grad-coar vs coar"] >= means["coar' vs coar"] - 0.05
+    assert means["grad-coar vs coar"] > means["grad-mean vs coar"]
     assert got["grad-coar vs single"][0] >= 0.75
 
 
