@@ -6,6 +6,7 @@ the default model and in bf16 on tiny models of several families.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ FAMILIES = ["llava", "qwen2_5_vl", "gemma3", "mistral3", "llama4", "qwen3_5", "l
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     model, proc = headsteer.load()
     inputs = get_adapter(model, proc).encode([default_image()], ["what shape is in the image?"])
     cases = [("default", torch.bfloat16, model, inputs), ("default", torch.float16, model, inputs)]
