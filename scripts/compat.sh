@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The family invariants (tiny models of every family, their real processors, the registry, the precision
-# contract) against each named transformers version, each in a fresh virtual environment of its own:
+# contract, gradients on every layout) against each named transformers version, each in a fresh virtual environment of its own:
 #   bash scripts/compat.sh 5.24.0 5.25.0
 # prints one line per version: passed/failed/skipped tests and the time. Logs stay in $COMPAT_DIR
 # (default: a new temporary folder), named install-VERSION.log and tests-VERSION.log.
@@ -15,7 +15,7 @@ root="$work/src"
 rm -rf "$root" && mkdir -p "$root"
 git ls-files -z -co --exclude-standard | tar --ignore-failed-read --null -T - -cf - 2>/dev/null | tar -xf - -C "$root"
 tests="tests/test_intervene.py tests/test_fastpath.py tests/test_families.py tests/test_refusals.py tests/test_processors.py
-       tests/test_cross_attention.py tests/test_precision.py"
+       tests/test_cross_attention.py tests/test_precision.py tests/test_gradient.py"
 status=0
 for v in "$@"; do
   venv="$work/venv-$v"
