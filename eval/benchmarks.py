@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from headsteer.data import check_question, keep_answer_vocabulary, load_data, load_local_vqa, read_rows, vqa_features
+from headsteer.data import (check_question, json_lines, keep_answer_vocabulary, load_data, load_local_vqa, read_rows,
+                            vqa_features)
 from headsteer.errors import HeadsteerError
 from headsteer.images import open_image
 from headsteer.paths import read_text
@@ -64,14 +65,7 @@ def _pope_rows(path: Path) -> list:
     text = read_text(path, "POPE file")
     if text.lstrip().startswith("["):
         return _json_list(text, path)
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise HeadsteerError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}): fix that line") from None
-    return rows
+    return json_lines(text, path)
 
 
 def _json_list(text: str, path: Path) -> list:

@@ -120,6 +120,18 @@ def _json_error(path, e: json.JSONDecodeError, line_offset: int = 0) -> Headstee
     return HeadsteerError(f"{path}:{e.lineno + line_offset}: not valid JSON ({e.msg}, column {e.colno}): fix that line")
 
 
+def json_lines(text: str, path) -> list:
+    """One JSON value per non-blank line; a broken line is named by its number."""
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise _json_error(path, e, i - 1) from None
+    return rows
+
+
 def read_rows(path, what: str = "data file") -> list:
     """The rows of a JSONL/JSON/CSV/parquet file, as read (the caller checks each row). Text files are
     UTF-8 (a byte-order mark, Excel's default for CSV, is dropped); a broken JSON line is named by its
@@ -147,14 +159,7 @@ def read_rows(path, what: str = "data file") -> list:
             raise HeadsteerError(f"{path}: expected a JSON list of examples (or an object with a \"data\" list)")
         return rows
     if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise _json_error(path, e, i - 1) from None
-        return rows
+        return json_lines(text, path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
