@@ -22,7 +22,7 @@ from .run import ranked_heads
 SCORED_BY = {"coar": "COAR (ridge/lasso over random ablation masks)",
              "atp": "AtP (gradient at the clean model, keys/values a head reads moving linearly)",
              "atp*": "AtP* (gradient at the clean model with the exact change of each head's output, and GradDrop)",
-             "grad-coar": "grad-coar (COAR's coefficients from the mean gradient at random masks)"}
+             "grad-coar": "grad-coar (COAR's coefficients from the gradients at random masks, trapezoid rule)"}
 
 
 def save_scores(out: Path, rows, agg):
@@ -266,7 +266,7 @@ def write_summary(out: Path, data: dict, n_heads: int) -> str:
         work = f"gradient passes per image: one batched forward and backward, statistic: answer {s['statistic']}"
     fit_what = {"coar": "linear-fit correlation on held-out masks (how well a linear model of the heads predicts the statistic; "
                         "not faithfulness)",
-                "grad-coar": "linear-fit correlation at the gradient masks (the mean gradient as a linear model of the heads "
+                "grad-coar": "linear-fit correlation at the gradient masks (the estimated coefficients as a linear model of the heads "
                              "against the statistic measured there; not fitted to those values)"}.get(scorer)
     lines += [
         f"- ranking by: {SCORED_BY.get(scorer, scorer)}",
