@@ -134,8 +134,15 @@ def apply_edit(model, manifest: EditManifest | str, processor=None, allow_other_
     ...     pass  # model(...) here runs with heads 0-3 of layer 2 silenced
     """
     manifest, ad = check_edit(model, manifest, processor, allow_other_model)
-    with kind_of(manifest.kind).applied(manifest, model, ad):
+    with applied_checked(model, manifest, ad):
         yield manifest
+
+
+def applied_checked(model, manifest: EditManifest, ad):
+    """``apply_edit``'s context for a manifest and adapter ``check_edit`` returned: a caller that applies
+    one edit many times (a run's self-check, then its main loop) checks it once — the base-weights check
+    hashes every weight."""
+    return kind_of(manifest.kind).applied(manifest, model, ad)
 
 
 def check_edit(model, manifest: EditManifest | str, processor=None, allow_other_model: bool = False):

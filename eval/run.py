@@ -66,19 +66,20 @@ def eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, t
     return run_identity("eval", model, processor, dataset, n, data_spec, settings, edit=edit, baseline=base)
 
 
-def _edit_context(model, processor, edit):
-    if edit is None:
+def _edit_context(model, checked):
+    """The edit applied, from what ``check_edit`` returned (None: no edit)."""
+    if checked is None:
         return contextlib.nullcontext()
-    from headsteer.edit import apply_edit
+    from headsteer.edit.apply import applied_checked
 
-    return apply_edit(model, edit, processor)
+    return applied_checked(model, *checked)
 
 
-def self_check(model, processor, example: dict, edit=None, generates: bool = False) -> dict:
+def self_check(model, processor, example: dict, checked=None, generates: bool = False) -> dict:
     """The run's engine check on its first example (``headsteer.selfcheck``): identity, and where the
-    run generates under an edit, cached decoding == full forwards under it. Stops the run (one line)
-    on a failure."""
-    context = (lambda: _edit_context(model, processor, edit)) if generates and edit is not None else None
+    run generates under an edit (``checked``: what ``check_edit`` returned), cached decoding == full
+    forwards under it. Stops the run (one line) on a failure."""
+    context = (lambda: _edit_context(model, checked)) if generates and checked is not None else None
     return check_example(model, processor, example, generation_context=context)
 
 
@@ -106,29 +107,30 @@ def evaluate(model, processor, dataset, metrics=("accuracy",), edit=None, batch_
         if outside:
             log.warning(f"{len(outside)} gold answer(s) are not among the {len(candidates)} candidate answers and can never "
                         f"be predicted in closed mode (e.g. {outside[0]!r})")
+    checked = None
     if edit is not None:
         from headsteer.edit.apply import check_edit
 
-        check_edit(model, edit, processor)  # refused before any run folder is written
+        checked = check_edit(model, edit, processor)  # refused before any run folder is written; checked once
     rank, world = process_shard()
     mine = list(range(rank, n, world))
     done = {}
     path = None
-    checked = dict(SKIPPED)
+    engine = dict(SKIPPED)
     if check and n:
-        checked = self_check(model, processor, dataset[0], edit, generates=mode == "open" and "accuracy" in metrics)
+        engine = self_check(model, processor, dataset[0], checked, generates=mode == "open" and "accuracy" in metrics)
     if out_dir is not None:
         ident, info = eval_identity(model, processor, dataset, n, metrics, edit, mode, baseline, top_heads, data_spec,
                                     candidates)
         run = open_run(out_dir, ident, force=force, outputs=outputs(world), info=info)
-        record(run, "self_check", checked)
+        record(run, "self_check", engine)
         record(run, "candidates", candidates)
         path = run / (f"per_example.rank{rank}.jsonl" if world > 1 else "per_example.jsonl")
         done = resume_rows(path)
     todo = [i for i in mine if i not in done]
     f = open(path, "a") if path is not None else None
     try:
-        with _edit_context(model, processor, edit):
+        with _edit_context(model, checked):
             # built under the edit: an edited model ablates towards its own baseline K/V (the mean
             # baseline's disk cache is bypassed while a hook edit is active: headsteer.baseline)
             base = as_baseline(model, processor, baseline, dataset) if "transfer" in metrics and todo else None
