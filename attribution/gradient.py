@@ -33,7 +33,7 @@ holds no graph); the naive path runs a full forward and backward per row.
   where it is ablated (exact for a statistic quadratic in the head's weight), so the interactions
   between heads that COAR sees at its operating point enter through the masks. The plain mean of the
   gradients would weigh the clean end by 1 - alpha and miss the curvature along the ablation (on the
-  default model: Spearman with COAR's mean ranking 0.76 against 0.96, docs/results.md). A head that
+  default model: Spearman with COAR's mean ranking 0.80 against 0.97, docs/results.md). A head that
   no mask ablates (or every mask does) falls back to its mean derivative.
 """
 from __future__ import annotations

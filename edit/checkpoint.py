@@ -19,11 +19,10 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 import headsteer.loading
-from headsteer.adapters import get_adapter
 from headsteer.errors import HeadsteerError
 from headsteer.files import save_safetensors, umask
 
-from .apply import install_edit, refuse_baked
+from .apply import check_edit, install_edit
 from .kinds import KINDS
 from .manifest import EditManifest
 
@@ -187,11 +186,9 @@ def export(model, processor, manifest: EditManifest, out_dir, force: bool = Fals
     >>> export(model, processor, EditManifest("scale", "L2H0-3", {"factor": 0.0}), "ckpt-scale0")["baked"]
     True
     """
-    ad = get_adapter(model, processor)
-    manifest.validate()
-    refuse_baked(manifest)  # its tensors were not kept: exporting it onto these weights would drop the edit
-    manifest.headset(ad)
-    manifest.check_base(model, allow_other_model=allow_other_model)
+    # apply_edit's refusals, before anything is written: a baked manifest kept no tensors (exporting it onto
+    # these weights would drop the edit), heads out of range, other base weights
+    manifest, ad = check_edit(model, manifest, processor, allow_other_model)
     out = Path(out_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
